@@ -1,0 +1,99 @@
+"""Every message a client can get from this plugin, as constants tests match on.
+
+Why one module: the wording is the contract. Each message names the content part (by its
+position in the request) and the problem, so a client can fix the request without reading logs.
+"""
+
+from __future__ import annotations
+
+from typing import Final, NoReturn
+
+from vllm.exceptions import VLLMValidationError
+
+# Where a part sits in the request, e.g. "messages[2].content[1]".
+PART_WHERE: Final = "messages[{msg}].content[{part}]"
+
+NOT_ENABLED: Final = (
+    "{where}: prompt_embeds content parts need the server started with "
+    "--enable-prompt-embeds (offline: LLM(..., enable_prompt_embeds=True))."
+)
+PART_NOT_OBJECT: Final = "{where}: a prompt_embeds part must be a JSON object."
+UNKNOWN_KEYS: Final = (
+    "{where}: unknown key(s) {keys} in a prompt_embeds part; allowed keys are {allowed}."
+)
+DATA_MISSING: Final = (
+    "{where}: a prompt_embeds part needs a 'data' field holding base64 of torch.save(tensor)."
+)
+DATA_WRONG_TYPE: Final = (
+    "{where}.data must be a base64 string (or, offline, a torch.Tensor); got {got}."
+)
+DATA_EMPTY: Final = "{where}.data is empty."
+NOT_BASE64: Final = "{where}.data is not valid base64 ({reason})."
+TOO_MANY_BYTES: Final = (
+    "{where}.data decodes to {size} bytes, over the limit of {limit} bytes per part "
+    "(VLLM_CHAT_EMBEDS_MAX_PART_BYTES)."
+)
+NOT_A_TENSOR_FILE: Final = (
+    "{where}.data is not a tensor saved with torch.save (weights-only load failed: {reason})."
+)
+NOT_A_TENSOR: Final = "{where}.data holds a {got}, not a torch.Tensor."
+BAD_LAYOUT: Final = (
+    "{where}.data holds a {layout} tensor; only dense (torch.strided) tensors are accepted."
+)
+BAD_NDIM: Final = (
+    "{where}.data must be a 2-D tensor of shape (num_rows, {width}); got shape {shape}."
+)
+BAD_WIDTH: Final = "{where}.data has width {got}; this model's input embeddings are {width} wide."
+BAD_DTYPE: Final = (
+    "{where}.data has dtype {dtype}; only floating-point tensors (float32, float16, "
+    "bfloat16, float64) are accepted."
+)
+ZERO_ROWS: Final = "{where}.data has 0 rows; a prompt_embeds part needs at least one row."
+NOT_FINITE: Final = "{where}.data contains NaN or infinite values."
+TOO_MANY_PARTS: Final = (
+    "The request has {count} prompt_embeds parts, over the limit of {limit} "
+    "(VLLM_CHAT_EMBEDS_MAX_PARTS)."
+)
+TOO_MANY_ROWS: Final = (
+    "{where}: the request's prompt_embeds parts hold more than {limit} rows in total "
+    "(VLLM_CHAT_EMBEDS_MAX_ROWS, capped by the model's context length)."
+)
+RESERVED_TEXT: Final = (
+    "{where} contains the reserved string {token!r}, which this server uses to mark "
+    "prompt_embeds positions; remove it from the text."
+)
+PART_DROPPED: Final = (
+    "The chat template did not render {where} (a prompt_embeds part); the template drops "
+    "that content. Move the embeddings to a message the template renders, or start the "
+    "server with VLLM_CHAT_EMBEDS_DROPPED_PARTS=warn to ignore dropped parts."
+)
+MARKER_MANGLED: Final = (
+    "The chat template altered the position marker of a prompt_embeds part, so its place "
+    "in the prompt cannot be determined safely."
+)
+SPANS_CUT: Final = (
+    "The tokenized prompt holds {found} prompt_embeds positions but the parts need "
+    "{expected}; truncation (truncate_prompt_tokens) would cut a prompt_embeds part."
+)
+WITH_MULTIMODAL: Final = (
+    "prompt_embeds parts in the same request as image, audio or video parts are not "
+    "supported by vllm-chat-embeds yet."
+)
+PLACEHOLDER_IN_TOKEN_IDS: Final = (
+    "Token id {token_id} is the reserved prompt_embeds placeholder and cannot be sent as a "
+    "token; send the embeddings as a prompt_embeds part instead."
+)
+TOKEN_CLASH: Final = (
+    "The tokenizer already uses {token!r} for something else (it is not a single special "
+    "token of its own), so vllm-chat-embeds cannot use it as the prompt_embeds placeholder."
+)
+UNSUPPORTED_VLLM: Final = (
+    "vllm-chat-embeds {ours} supports vLLM {supported}, but vLLM {found} is installed. "
+    "Install a supported vLLM, or set VLLM_CHAT_EMBEDS_ALLOW_UNSUPPORTED_VLLM=1 to try "
+    "anyway (unsupported)."
+)
+
+
+def reject(template: str, parameter: str = "messages", **fields: object) -> NoReturn:
+    """Raise the 400 error vLLM's entrypoints turn into a JSON error response."""
+    raise VLLMValidationError(template.format(**fields), parameter=parameter)

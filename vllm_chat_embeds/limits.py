@@ -1,0 +1,59 @@
+"""Operator-tunable limits and policies, read from environment variables.
+
+Why environment variables: the plugin runs inside ``vllm serve`` and ``LLM(...)`` whose argument
+parsers it does not own, and environment variables reach every process vLLM spawns.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Final, Literal
+
+ENV_MAX_PARTS: Final = "VLLM_CHAT_EMBEDS_MAX_PARTS"
+ENV_MAX_ROWS: Final = "VLLM_CHAT_EMBEDS_MAX_ROWS"
+ENV_MAX_PART_BYTES: Final = "VLLM_CHAT_EMBEDS_MAX_PART_BYTES"
+ENV_MAX_REQUEST_BYTES: Final = "VLLM_CHAT_EMBEDS_MAX_REQUEST_BYTES"
+ENV_DROPPED_PARTS: Final = "VLLM_CHAT_EMBEDS_DROPPED_PARTS"
+
+DEFAULT_MAX_PARTS: Final = 64
+DEFAULT_MAX_ROWS: Final = 32768
+DEFAULT_MAX_PART_BYTES: Final = 256 * 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES: Final = 512 * 1024 * 1024
+
+DroppedPolicy = Literal["error", "warn"]
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from exc
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_parts: int = DEFAULT_MAX_PARTS
+    max_rows: int = DEFAULT_MAX_ROWS
+    max_part_bytes: int = DEFAULT_MAX_PART_BYTES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    dropped_parts: DroppedPolicy = "error"
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        policy = os.environ.get(ENV_DROPPED_PARTS, "error").strip().lower()
+        if policy not in ("error", "warn"):
+            raise ValueError(f"{ENV_DROPPED_PARTS} must be 'error' or 'warn', got {policy!r}")
+        return cls(
+            max_parts=_int_env(ENV_MAX_PARTS, DEFAULT_MAX_PARTS),
+            max_rows=_int_env(ENV_MAX_ROWS, DEFAULT_MAX_ROWS),
+            max_part_bytes=_int_env(ENV_MAX_PART_BYTES, DEFAULT_MAX_PART_BYTES),
+            max_request_bytes=_int_env(ENV_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES),
+            dropped_parts=policy,  # type: ignore[arg-type]
+        )

@@ -1,0 +1,164 @@
+"""Find, check and decode prompt_embeds content parts (extends ``vllm/renderers/chat_utils.py``).
+
+Why before vLLM's parser: we take the parts out of the messages before vLLM parses them, so the
+built-in prompt_embeds parser never sees one. Each part is replaced by a text part holding a
+marker unique to this request and part; the chat template then renders the marker wherever it
+renders that content, and ``splice`` turns markers into placeholder tokens. A part therefore
+renders exactly where a text part at the same position would.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import torch
+
+from . import errors
+from .errors import reject
+from .limits import Limits
+from .payload import PayloadSpec, decode_payload
+from .placeholder import PLACEHOLDER_TOKEN
+
+PART_TYPE: Final = "prompt_embeds"
+ALLOWED_KEYS: Final = frozenset({"type", "data"})
+
+
+@dataclass(frozen=True)
+class EmbedsPart:
+    where: str
+    marker: str
+    tensor: torch.Tensor
+
+
+@dataclass
+class EmbedsPlan:
+    """The decoded parts of one request, keyed by the marker that stands for each."""
+
+    nonce: str
+    parts: list[EmbedsPart] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(int(p.tensor.shape[0]) for p in self.parts)
+
+    def scrub(self, value: Any) -> Any:
+        """``value`` (strings, lists, dicts) with this plan's markers removed."""
+        if isinstance(value, str):
+            return _any_marker(self.nonce).sub("", value) if self.nonce in value else value
+        if isinstance(value, list):
+            return [self.scrub(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self.scrub(v) for k, v in value.items()}
+        return value
+
+
+def _marker(nonce: str, index: int) -> str:
+    return f"<|pe:{nonce}:{index}|>"
+
+
+def _any_marker(nonce: str) -> re.Pattern[str]:
+    return re.compile(re.escape(f"<|pe:{nonce}:") + r"\d+\|>")
+
+
+def is_embeds_part(part: object) -> bool:
+    return isinstance(part, Mapping) and part.get("type") == PART_TYPE
+
+
+def _iter_strings(value: object, path: str) -> Iterator[tuple[str, str]]:
+    """Every string reachable from ``value`` except prompt_embeds payloads, with its path."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, Mapping):
+        if is_embeds_part(value):
+            return
+        for key, item in value.items():
+            yield from _iter_strings(item, f"{path}.{key}")
+    elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        for index, item in enumerate(value):
+            yield from _iter_strings(item, f"{path}[{index}]")
+
+
+def reject_reserved_text(messages: Sequence[Any], tools: object = None) -> None:
+    """Refuse the placeholder string anywhere a user-controlled string reaches the template."""
+    for root, value in (("messages", messages), ("tools", tools)):
+        for path, text in _iter_strings(value, root):
+            if PLACEHOLDER_TOKEN in text:
+                reject(errors.RESERVED_TEXT, where=path, token=PLACEHOLDER_TOKEN)
+
+
+def _located_parts(messages: Sequence[Any]) -> list[tuple[int, int, str]]:
+    found = []
+    for m, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            for p, part in enumerate(content):
+                if is_embeds_part(part):
+                    found.append((m, p, errors.PART_WHERE.format(msg=m, part=p)))
+    return found
+
+
+def has_embeds_parts(messages: Sequence[Any]) -> bool:
+    return bool(_located_parts(messages))
+
+
+def _check_shape_of_part(part: Mapping[str, Any], where: str) -> object:
+    extra = sorted(str(k) for k in part if k not in ALLOWED_KEYS)
+    if extra:
+        reject(errors.UNKNOWN_KEYS, where=where, keys=extra, allowed=sorted(ALLOWED_KEYS))
+    if "data" not in part or part["data"] is None:
+        reject(errors.DATA_MISSING, where=where)
+    return part["data"]
+
+
+def extract_parts(
+    messages: Sequence[Any],
+    *,
+    enabled: bool,
+    spec: PayloadSpec,
+    limits: Limits,
+) -> tuple[list[Any], EmbedsPlan | None]:
+    """Return messages with every prompt_embeds part replaced by a marker text part.
+
+    The caller's messages are not modified. Without prompt_embeds parts, the same list comes
+    back with ``None``.
+    """
+    located = _located_parts(messages)
+    if not located:
+        return list(messages), None
+    if not enabled:
+        reject(errors.NOT_ENABLED, where=located[0][2])
+    if len(located) > limits.max_parts:
+        reject(errors.TOO_MANY_PARTS, count=len(located), limit=limits.max_parts)
+
+    payloads = []
+    total_chars = 0
+    for m, p, where in located:
+        data = _check_shape_of_part(messages[m]["content"][p], where)
+        if isinstance(data, str):
+            total_chars += len(data)
+        payloads.append(data)
+    if (total_chars // 4) * 3 > limits.max_request_bytes:
+        reject(
+            errors.TOO_MANY_BYTES,
+            where="messages",
+            size=(total_chars // 4) * 3,
+            limit=limits.max_request_bytes,
+        )
+
+    plan = EmbedsPlan(nonce=secrets.token_hex(8))
+    rows_left = spec.max_rows
+    out = list(messages)
+    for index, ((m, p, where), data) in enumerate(zip(located, payloads, strict=True)):
+        part_spec = replace(spec, max_rows=rows_left)
+        tensor = decode_payload(data, where, part_spec)
+        rows_left -= int(tensor.shape[0])
+        marker = _marker(plan.nonce, index)
+        plan.parts.append(EmbedsPart(where=where, marker=marker, tensor=tensor))
+        if out[m] is messages[m]:
+            out[m] = {**messages[m], "content": list(messages[m]["content"])}
+        out[m]["content"][p] = {"type": "text", "text": marker}
+    return out, plan

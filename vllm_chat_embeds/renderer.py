@@ -1,0 +1,214 @@
+"""The chat renderer for Hugging Face templates (extends ``vllm/renderers/hf.py``).
+
+Why a subclass registered for the ``hf`` tokenizer mode: vLLM builds one renderer per process
+from ``RENDERER_REGISTRY``, and both ``vllm serve`` and ``LLM.chat()`` go through it. Our
+subclass keeps every piece of ``HfRenderer`` that is not about prompt_embeds and replaces the
+pieces that are; none of the built-in prompt_embeds helpers is called.
+
+Flow: parts -> marker text parts (``parts``) -> vLLM's own message parsing and template
+rendering, always to text -> markers become placeholder runs (``splice``) -> vLLM tokenizes as
+for any chat -> ``_process_tokens`` finds the spans and hands the engine an embeds input.
+A chat without prompt_embeds parts takes vLLM's ordinary text path unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from functools import cached_property
+from typing import Any, Final, cast
+
+from vllm.renderers.base import BaseRenderer
+from vllm.renderers.hf import (
+    HfRenderer,
+    parse_chat_messages,
+    parse_chat_messages_async,
+    rebuild_mm_uuids_from_mm_data,
+    replace_vision_chunk_video_placeholder,
+    resolve_chat_template_content_format,
+    safe_apply_chat_template,
+)
+from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
+from vllm.tokenizers.hf import maybe_make_thread_pool
+from vllm.utils.async_utils import make_async
+
+from . import errors
+from .errors import reject
+from .limits import Limits
+from .parts import EmbedsPlan, extract_parts, has_embeds_parts, reject_reserved_text
+from .payload import PayloadSpec
+from .placeholder import with_placeholder_token
+from .splice import build_embeds_input, expand_markers
+
+# Private key under which the part tensors ride on the prompt dict from rendering to
+# `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
+_SPANS_KEY: Final = "_vllm_chat_embeds_spans"
+
+
+class ChatEmbedsHfRenderer(HfRenderer):
+    def __init__(self, config: Any, tokenizer: Any) -> None:
+        # HfRenderer.__init__ registers the built-in placeholder; we set up what it sets up,
+        # but with our own placeholder registration.
+        model_config = config.model_config
+        self.embeds_enabled = bool(getattr(model_config, "enable_prompt_embeds", False))
+        self.placeholder_id: int | None = None
+        if tokenizer is not None and self.embeds_enabled:
+            tokenizer, self.placeholder_id = with_placeholder_token(tokenizer)
+        else:
+            tokenizer = copy.copy(tokenizer)
+        BaseRenderer.__init__(self, config, tokenizer)
+        self.use_unified_vision_chunk = getattr(
+            model_config.hf_config, "use_unified_vision_chunk", False
+        )
+        self._apply_chat_template_async = make_async(
+            safe_apply_chat_template, executor=self._executor
+        )
+        if self.tokenizer is not None:
+            maybe_make_thread_pool(self.tokenizer, model_config.renderer_num_workers + 1)
+        self.limits = Limits.from_env()
+
+    @cached_property
+    def payload_spec(self) -> PayloadSpec:
+        max_rows = min(self.limits.max_rows, self.model_config.max_model_len)
+        return PayloadSpec(
+            width=self.model_config.get_hidden_size(),
+            dtype=self.model_config.dtype,
+            max_part_bytes=self.limits.max_part_bytes,
+            max_rows=max_rows,
+            rows_limit=max_rows,
+        )
+
+    # -- prompt_embeds parts ------------------------------------------------------------------
+
+    def _take_parts(self, messages: list[Any], params: Any) -> tuple[list[Any], EmbedsPlan | None]:
+        if self.embeds_enabled:
+            reject_reserved_text(messages, params.chat_template_kwargs.get("tools"))
+        return extract_parts(
+            messages,
+            enabled=self.embeds_enabled and self.placeholder_id is not None,
+            spec=self.payload_spec,
+            limits=self.limits,
+        )
+
+    async def _take_parts_async(
+        self, messages: list[Any], params: Any
+    ) -> tuple[list[Any], EmbedsPlan | None]:
+        if not has_embeds_parts(messages):
+            return self._take_parts(messages, params)
+        # Decoding is CPU work: keep it off the event loop.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._take_parts, messages, params)
+
+    # -- rendering ----------------------------------------------------------------------------
+
+    def _parse_kwargs(self, params: Any) -> dict[str, Any]:
+        content_format = resolve_chat_template_content_format(
+            chat_template=params.chat_template,
+            tools=params.chat_template_kwargs.get("tools"),
+            given_format=params.chat_template_content_format,
+            tokenizer=self.get_tokenizer(),
+            model_config=self.model_config,
+        )
+        return {
+            "content_format": content_format,
+            "media_io_kwargs": params.media_io_kwargs,
+            "mm_processor_kwargs": params.mm_processor_kwargs,
+        }
+
+    @staticmethod
+    def _template_kwargs(params: Any) -> dict[str, Any]:
+        # Render to text, as vLLM does for chats when --enable-prompt-embeds is off: the
+        # request's tokenization options (add_special_tokens, truncation) then apply as usual.
+        return {**params.get_apply_chat_template_kwargs(), "tokenize": False}
+
+    def _finish(
+        self,
+        conversation: list[Any],
+        rendered: Any,
+        mm_data: Any,
+        mm_uuids: Any,
+        plan: EmbedsPlan | None,
+    ) -> tuple[list[Any], Any]:
+        if self.use_unified_vision_chunk and mm_data is not None and mm_uuids is not None:
+            # Kimi-K2.5's unified vision chunks, handled as HfRenderer handles them.
+            video_placeholder = getattr(self.model_config.hf_config, "video_placeholder", None)
+            mm_uuids = rebuild_mm_uuids_from_mm_data(mm_uuids, mm_data)
+            rendered = replace_vision_chunk_video_placeholder(rendered, mm_data, video_placeholder)
+        prompt = cast(dict[str, Any], parse_dec_only_prompt(rendered))
+        if plan is not None:
+            if mm_data:
+                reject(errors.WITH_MULTIMODAL)
+            text, spans = expand_markers(prompt["prompt"], plan, self.limits.dropped_parts)
+            prompt["prompt"] = text
+            prompt[_SPANS_KEY] = spans
+            conversation = plan.scrub(conversation)  # vLLM echoes it back to clients
+        if mm_data is not None:
+            prompt["multi_modal_data"] = mm_data
+        if mm_uuids is not None:
+            prompt["multi_modal_uuids"] = mm_uuids
+        return conversation, prompt
+
+    def render_messages(self, messages: list[Any], params: Any) -> tuple[list[Any], Any]:
+        messages, plan = self._take_parts(messages, params)
+        conversation, mm_data, mm_uuids = parse_chat_messages(
+            messages, self.model_config, **self._parse_kwargs(params)
+        )
+        rendered = safe_apply_chat_template(
+            self.model_config, self.get_tokenizer(), conversation, **self._template_kwargs(params)
+        )
+        return self._finish(conversation, rendered, mm_data, mm_uuids, plan)
+
+    async def render_messages_async(
+        self, messages: list[Any], params: Any
+    ) -> tuple[list[Any], Any]:
+        messages, plan = await self._take_parts_async(messages, params)
+        conversation, mm_data, mm_uuids = await parse_chat_messages_async(
+            messages, self.model_config, **self._parse_kwargs(params)
+        )
+        rendered = await self._render_with_timeout(
+            self._apply_chat_template_async(
+                self.model_config,
+                self.get_tokenizer(),
+                conversation,
+                **self._template_kwargs(params),
+            )
+        )
+        return self._finish(conversation, rendered, mm_data, mm_uuids, plan)
+
+    # -- engine input -------------------------------------------------------------------------
+
+    def _embeds_or_none(self, prompt: Any) -> Any:
+        spans = cast(dict[str, Any], prompt).pop(_SPANS_KEY, None)
+        if spans is None:
+            return None
+        assert self.placeholder_id is not None
+        return build_embeds_input(
+            prompt["prompt_token_ids"],
+            spans,
+            self.placeholder_id,
+            cache_salt=prompt.get("cache_salt"),
+        )
+
+    def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        engine_input = self._embeds_or_none(prompt)
+        if engine_input is not None:
+            return engine_input
+        # BaseRenderer's, not HfRenderer's: the latter exists only for built-in prompt_embeds.
+        return BaseRenderer._process_tokens(self, prompt, skip_mm_cache=skip_mm_cache)
+
+    async def _process_tokens_async(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        engine_input = self._embeds_or_none(prompt)
+        if engine_input is not None:
+            return engine_input
+        return await BaseRenderer._process_tokens_async(self, prompt, skip_mm_cache=skip_mm_cache)
+
+    def validate_token_ids(self, token_ids: Any, *, parameter: str | None = None) -> None:
+        super().validate_token_ids(token_ids, parameter=parameter)
+        # Our embeds inputs never reach here (vLLM validates ids of token inputs only), so a
+        # placeholder id here was sent by a client and would index past the embedding table.
+        if self.placeholder_id is not None and self.placeholder_id in token_ids:
+            reject(
+                errors.PLACEHOLDER_IN_TOKEN_IDS,
+                parameter=parameter or "prompt_token_ids",
+                token_id=self.placeholder_id,
+            )

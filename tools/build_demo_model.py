@@ -114,7 +114,6 @@ def convert(gguf: Path, dest: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.config.name_or_path = "SmolLM2-135M-Instruct"
 
     rows = model.get_input_embeddings().weight.shape[0]
     if model.config.vocab_size != rows:
@@ -127,8 +126,15 @@ def convert(gguf: Path, dest: Path) -> None:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+    tok.model_max_length = model.config.max_position_embeddings  # GGUF gives no limit
     tok.save_pretrained(dest, save_jinja_files=False)  # template stays in tokenizer_config.json
     model.save_pretrained(dest)
+    # transformers 5 records its own from_pretrained() kwargs; they mean nothing to a reader
+    config_path = dest / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    for key in ("is_local", "local_files_only"):
+        tok_config.pop(key, None)
+    config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
 
 
 def check_build(out: Path) -> None:
@@ -218,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()) and read_stamp(out) is None:
         raise SystemExit(f"{out} exists, is not empty and holds no build stamp; not touching it")
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's bar; read at import
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -1,0 +1,238 @@
+"""Shared harness: locally built models, real ``vllm serve`` subprocesses and a real ``LLM``."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / ".models"
+TOOLS = REPO / "tools"
+PY = sys.executable
+VLLM = str(Path(PY).parent / "vllm")
+TRAP_DIR = Path(__file__).parent / "trap"
+FAKE_VERSION_DIR = Path(__file__).parent / "fake_version"
+
+CPU_FLAGS = [
+    "--dtype", "float32",
+    "--enforce-eager",
+    "--max-model-len", "1024",
+    "--max-num-seqs", "4",
+    "--kv-cache-memory-bytes", str(64 * 1024 * 1024),
+]  # fmt: skip
+STARTUP_TIMEOUT_S = 240.0
+
+
+def build_model(builder: str, out: Path, *args: str) -> Path:
+    subprocess.run([PY, str(TOOLS / builder), "--out", str(out), *args], check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return build_model("build_test_model.py", MODELS / "tiny-llama-test")
+
+
+@pytest.fixture(scope="session")
+def vllm_cache_root() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="vce-vllm-cache-") as root:
+        yield root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    base_url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    model: str
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    @property
+    def client(self):  # an openai.OpenAI client bound to this server
+        import openai
+
+        return openai.OpenAI(base_url=self.base_url + "/v1", api_key="none", max_retries=0)
+
+    def healthy(self) -> bool:
+        try:
+            return requests.get(self.base_url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+
+def server_env(*, trap: bool, plugins: bool, mp: bool, cache_root: str, extra=None) -> dict:
+    env = dict(os.environ)
+    env["VLLM_CACHE_ROOT"] = cache_root
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if mp else "0"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    env.pop("VLLM_PLUGINS", None)
+    if not plugins:
+        env["VLLM_PLUGINS"] = ""
+    paths = [str(TRAP_DIR)] if trap else []
+    if trap:
+        env["VLLM_CHAT_EMBEDS_TEST_TRAP"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).strip(os.pathsep)
+    env.update(extra or {})
+    return env
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def run_server(
+    model: Path | str,
+    *args: str,
+    env: dict,
+    command: list[str] | None = None,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> Iterator[Server]:
+    """Start ``vllm serve`` in its own process group, wait for /health, always tear it down."""
+    port = free_port()
+    log_file = tempfile.NamedTemporaryFile(prefix="vce-server-", suffix=".log", delete=False)
+    cmd = command or [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
+    if command is None:
+        cmd += [*CPU_FLAGS, *args]
+    else:
+        cmd = [c.replace("{port}", str(port)) for c in cmd]
+    proc = subprocess.Popen(
+        cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    server = Server(f"http://127.0.0.1:{port}", proc, Path(log_file.name), str(model))
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.healthy():
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{server.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve not healthy after {timeout_s}s:\n{server.tail()}")
+            time.sleep(0.5)
+        yield server
+    except BaseException:
+        print(f"--- server log tail ({server.log_path}) ---\n{server.tail()}", file=sys.stderr)
+        raise
+    finally:
+        stop_process_group(proc)
+
+
+@pytest.fixture(scope="session")
+def plugin_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
+    """The plugin, with vLLM's built-in prompt_embeds helpers trapped, multiprocess engine."""
+    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root)
+    with run_server(tiny_model, "--enable-prompt-embeds", env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def builtin_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
+    """vLLM's built-in implementation (all plugins disabled), for side-by-side tests."""
+    env = server_env(trap=False, plugins=False, mp=False, cache_root=vllm_cache_root)
+    with run_server(tiny_model, "--enable-prompt-embeds", env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def flag_off_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
+    """The plugin installed but --enable-prompt-embeds off: vLLM's ordinary text path."""
+    env = server_env(trap=True, plugins=True, mp=False, cache_root=vllm_cache_root)
+    with run_server(tiny_model, env=env) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def offline_llm(tiny_model: Path, vllm_cache_root: str):
+    """A real in-process ``LLM`` with the plugin and the built-in helpers trapped."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CACHE_ROOT", vllm_cache_root)
+    spec = importlib.util.spec_from_file_location("vce_trap", TRAP_DIR / "sitecustomize.py")
+    assert spec is not None and spec.loader is not None
+    trap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trap)
+    trap.install()
+    from vllm import LLM
+
+    llm = LLM(
+        model=str(tiny_model),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=4,
+        kv_cache_memory_bytes=64 * 1024 * 1024,
+        enable_prompt_embeds=True,
+    )
+    yield llm
+    del llm
+
+
+# -- payload helpers ---------------------------------------------------------------------------
+
+
+def tensor_b64(tensor: torch.Tensor) -> str:
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class EmbeddingTable:
+    """The model's own input embeddings, to turn text into the rows the model would see."""
+
+    def __init__(self, model_dir: Path) -> None:
+        from safetensors import safe_open
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+            key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+            self.weight = f.get_tensor(key).float()
+
+    def rows(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.weight[ids].clone()
+
+    def part(self, text: str) -> dict:
+        return {"type": "prompt_embeds", "data": tensor_b64(self.rows(text))}
+
+
+@pytest.fixture(scope="session")
+def table(tiny_model: Path) -> EmbeddingTable:
+    return EmbeddingTable(tiny_model)

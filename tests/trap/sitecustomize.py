@@ -1,0 +1,47 @@
+"""Test-only: make vLLM's built-in prompt_embeds helpers raise, in every process of a server.
+
+Put this directory on PYTHONPATH and set VLLM_CHAT_EMBEDS_TEST_TRAP=1. Python imports
+``sitecustomize`` at start-up in the API server, the engine core and workers alike, so if any
+built-in helper still ran with the plugin active, the request would fail. This is the
+takeover proof of issue 3; it is never installed outside the test suite.
+"""
+
+import os
+import sys
+
+TRAPPED_CHAT_UTILS = ("safe_load_prompt_embeds", "safe_load_prompt_embeds_async")
+TRAPPED_HF = (
+    "_ensure_prompt_embeds_placeholder_token",
+    "_build_prompt_embeds_updates",
+    "_expand_prompt_embeds_placeholders",
+    "_build_prompt_embeds_positions",
+    "_build_mixed_prompt_embeds",
+)
+TRAPPED_HF_METHODS = ("_apply_prompt_embeds_to_prompt", "_apply_prompt_embeds_to_engine_input")
+TRAPPED_PARSER_CLASSES = ("MultiModalContentParser", "AsyncMultiModalContentParser")
+
+
+def _trap(name):
+    def trapped(*args, **kwargs):
+        raise AssertionError(f"built-in prompt_embeds helper {name} ran with the plugin active")
+
+    return trapped
+
+
+def install() -> None:
+    from vllm.renderers import chat_utils, hf
+
+    for name in TRAPPED_CHAT_UTILS:
+        setattr(chat_utils, name, _trap(f"chat_utils.{name}"))
+    for cls_name in TRAPPED_PARSER_CLASSES:
+        cls = getattr(chat_utils, cls_name)
+        cls.parse_prompt_embeds = _trap(f"chat_utils.{cls_name}.parse_prompt_embeds")
+    for name in TRAPPED_HF:
+        setattr(hf, name, _trap(f"hf.{name}"))
+    for name in TRAPPED_HF_METHODS:
+        setattr(hf.HfRenderer, name, staticmethod(_trap(f"hf.HfRenderer.{name}")))
+    print("vllm-chat-embeds test trap: built-in prompt_embeds helpers disabled", file=sys.stderr)
+
+
+if os.environ.get("VLLM_CHAT_EMBEDS_TEST_TRAP") == "1":
+    install()

@@ -37,6 +37,8 @@ CPU_FLAGS = [
     "--kv-cache-memory-bytes", str(64 * 1024 * 1024),
 ]  # fmt: skip
 STARTUP_TIMEOUT_S = 240.0
+# The plugin and built-in servers take request chat templates, to test odd templates.
+TEST_SERVER_ARGS = ["--enable-prompt-embeds", "--trust-request-chat-template"]
 
 
 def build_model(builder: str, out: Path, *args: str) -> Path:
@@ -99,7 +101,7 @@ def server_env(*, trap: bool, plugins: bool, mp: bool, cache_root: str, extra=No
         env["VLLM_PLUGINS"] = ""
     paths = [str(TRAP_DIR)] if trap else []
     if trap:
-        env["VLLM_CHAT_EMBEDS_TEST_TRAP"] = "1"
+        env["CHAT_EMBEDS_TEST_TRAP"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).strip(os.pathsep)
     env.update(extra or {})
     return env
@@ -159,7 +161,7 @@ def run_server(
 def plugin_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
     """The plugin, with vLLM's built-in prompt_embeds helpers trapped, multiprocess engine."""
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root)
-    with run_server(tiny_model, "--enable-prompt-embeds", env=env) as server:
+    with run_server(tiny_model, *TEST_SERVER_ARGS, env=env) as server:
         yield server
 
 
@@ -167,7 +169,7 @@ def plugin_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
 def builtin_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
     """vLLM's built-in implementation (all plugins disabled), for side-by-side tests."""
     env = server_env(trap=False, plugins=False, mp=False, cache_root=vllm_cache_root)
-    with run_server(tiny_model, "--enable-prompt-embeds", env=env) as server:
+    with run_server(tiny_model, *TEST_SERVER_ARGS, env=env) as server:
         yield server
 
 

@@ -28,15 +28,37 @@ def register() -> None:
 
     check_vllm_version(__version__)
 
-    from vllm.logger import init_logger
     from vllm.renderers.registry import RENDERER_REGISTRY
 
     ours = (f"{__name__}.renderer", "ChatEmbedsHfRenderer")
     for mode in RENDERER_MODES:
-        if RENDERER_REGISTRY.renderers.get(mode) != ours:
-            # vLLM logs a warning that the built-in entry is overwritten: that is the point.
-            RENDERER_REGISTRY.register(mode, *ours)
+        # Set the registry entry directly: RENDERER_REGISTRY.register() would log a warning
+        # in every process that reads as if something went wrong.
+        RENDERER_REGISTRY.renderers[mode] = ours
     _registered = True
-    init_logger(__name__).info(
-        "vllm_chat_embeds %s active: chat prompt_embeds handled by the plugin", __version__
+    announce()
+
+
+_announced = False
+
+
+def announce() -> None:
+    """Log the one activation line of this process, once vLLM's logging is configured.
+
+    In the API server vLLM loads plugins before it configures logging, so a line logged from
+    ``register()`` would be lost there; the renderer calls this again when it is built.
+    """
+    global _announced
+    import logging
+
+    from .log import LOGGER_NAME, logger
+
+    if _announced or not logging.getLogger(LOGGER_NAME.split(".")[0]).handlers:
+        return
+    _announced = True
+    logger.info(
+        "vllm_chat_embeds %s active: chat prompt_embeds for tokenizer mode(s) %s are handled "
+        "by the plugin",
+        __version__,
+        ", ".join(RENDERER_MODES),
     )

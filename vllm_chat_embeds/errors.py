@@ -31,7 +31,7 @@ DATA_EMPTY: Final = "{where}.data is empty."
 NOT_BASE64: Final = "{where}.data is not valid base64 ({reason})."
 TOO_MANY_BYTES: Final = (
     "{where}.data decodes to {size} bytes, over the limit of {limit} bytes per part "
-    "(VLLM_CHAT_EMBEDS_MAX_PART_BYTES)."
+    "(CHAT_EMBEDS_MAX_PART_BYTES)."
 )
 NOT_A_TENSOR_FILE: Final = (
     "{where}.data is not a tensor saved with torch.save (weights-only load failed: {reason})."
@@ -52,11 +52,11 @@ ZERO_ROWS: Final = "{where}.data has 0 rows; a prompt_embeds part needs at least
 NOT_FINITE: Final = "{where}.data contains NaN or infinite values."
 TOO_MANY_PARTS: Final = (
     "The request has {count} prompt_embeds parts, over the limit of {limit} "
-    "(VLLM_CHAT_EMBEDS_MAX_PARTS)."
+    "(CHAT_EMBEDS_MAX_PARTS)."
 )
 TOO_MANY_ROWS: Final = (
     "{where}: the request's prompt_embeds parts hold more than {limit} rows in total "
-    "(VLLM_CHAT_EMBEDS_MAX_ROWS, capped by the model's context length)."
+    "(CHAT_EMBEDS_MAX_ROWS, capped by the model's context length)."
 )
 RESERVED_TEXT: Final = (
     "{where} contains the reserved string {token!r}, which this server uses to mark "
@@ -65,7 +65,7 @@ RESERVED_TEXT: Final = (
 PART_DROPPED: Final = (
     "The chat template did not render {where} (a prompt_embeds part); the template drops "
     "that content. Move the embeddings to a message the template renders, or start the "
-    "server with VLLM_CHAT_EMBEDS_DROPPED_PARTS=warn to ignore dropped parts."
+    "server with CHAT_EMBEDS_DROPPED_PARTS=warn to ignore dropped parts."
 )
 MARKER_MANGLED: Final = (
     "The chat template altered the position marker of a prompt_embeds part, so its place "
@@ -89,7 +89,7 @@ TOKEN_CLASH: Final = (
 )
 UNSUPPORTED_VLLM: Final = (
     "vllm-chat-embeds {ours} supports vLLM {supported}, but vLLM {found} is installed. "
-    "Install a supported vLLM, or set VLLM_CHAT_EMBEDS_ALLOW_UNSUPPORTED_VLLM=1 to try "
+    "Install a supported vLLM, or set CHAT_EMBEDS_ALLOW_UNSUPPORTED_VLLM=1 to try "
     "anyway (unsupported)."
 )
 

@@ -32,7 +32,7 @@ from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
 from vllm.tokenizers.hf import maybe_make_thread_pool
 from vllm.utils.async_utils import make_async
 
-from . import errors
+from . import announce, errors
 from .errors import reject
 from .limits import Limits
 from .parts import EmbedsPlan, extract_parts, has_embeds_parts, reject_reserved_text
@@ -66,6 +66,7 @@ class ChatEmbedsHfRenderer(HfRenderer):
         if self.tokenizer is not None:
             maybe_make_thread_pool(self.tokenizer, model_config.renderer_num_workers + 1)
         self.limits = Limits.from_env()
+        announce()
 
     @cached_property
     def payload_spec(self) -> PayloadSpec:

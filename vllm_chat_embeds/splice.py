@@ -13,15 +13,13 @@ from collections.abc import Sequence
 
 import torch
 from vllm.inputs.engine import EmbedsInput, embeds_input
-from vllm.logger import init_logger
 
 from . import errors
 from .errors import reject
 from .limits import DroppedPolicy
+from .log import logger
 from .parts import EmbedsPlan
 from .placeholder import PLACEHOLDER_TOKEN
-
-logger = init_logger(__name__)
 
 
 def expand_markers(
@@ -46,7 +44,7 @@ def expand_markers(
         last = match.end()
     pieces.append(text[last:])
     expanded = "".join(pieces)
-    if plan.nonce in expanded:
+    if plan.nonce in expanded.lower():  # token_hex nonces are lower case; catch re-cased ones
         # A marker survived only partly (the template sliced, escaped or re-cased it).
         reject(errors.MARKER_MANGLED)
     for part in plan.parts:

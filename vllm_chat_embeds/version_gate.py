@@ -9,14 +9,11 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from vllm.logger import init_logger
-
 from . import errors
-
-logger = init_logger(__name__)
+from .log import logger
 
 SUPPORTED_SERIES: Final = ("0.32.",)
-ENV_ALLOW_UNSUPPORTED: Final = "VLLM_CHAT_EMBEDS_ALLOW_UNSUPPORTED_VLLM"
+ENV_ALLOW_UNSUPPORTED: Final = "CHAT_EMBEDS_ALLOW_UNSUPPORTED_VLLM"
 
 
 def check_vllm_version(ours: str) -> None:

@@ -2,7 +2,7 @@
 
 import os
 
-_fake = os.environ.get("VLLM_CHAT_EMBEDS_TEST_FAKE_VLLM_VERSION")
+_fake = os.environ.get("CHAT_EMBEDS_TEST_FAKE_VLLM_VERSION")
 if _fake:
     import vllm
 

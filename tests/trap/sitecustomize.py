@@ -1,6 +1,6 @@
 """Test-only: make vLLM's built-in prompt_embeds helpers raise, in every process of a server.
 
-Put this directory on PYTHONPATH and set VLLM_CHAT_EMBEDS_TEST_TRAP=1. Python imports
+Put this directory on PYTHONPATH and set CHAT_EMBEDS_TEST_TRAP=1. Python imports
 ``sitecustomize`` at start-up in the API server, the engine core and workers alike, so if any
 built-in helper still ran with the plugin active, the request would fail. This is the
 takeover proof of issue 3; it is never installed outside the test suite.
@@ -43,5 +43,5 @@ def install() -> None:
     print("vllm-chat-embeds test trap: built-in prompt_embeds helpers disabled", file=sys.stderr)
 
 
-if os.environ.get("VLLM_CHAT_EMBEDS_TEST_TRAP") == "1":
+if os.environ.get("CHAT_EMBEDS_TEST_TRAP") == "1":
     install()

@@ -40,6 +40,7 @@ NOT_A_TENSOR: Final = "{where}.data holds a {got}, not a torch.Tensor."
 BAD_LAYOUT: Final = (
     "{where}.data holds a {layout} tensor; only dense (torch.strided) tensors are accepted."
 )
+META_TENSOR: Final = "{where}.data holds a meta tensor (a shape without data)."
 BAD_NDIM: Final = (
     "{where}.data must be a 2-D tensor of shape (num_rows, {width}); got shape {shape}."
 )

@@ -76,6 +76,8 @@ def _iter_strings(value: object, path: str) -> Iterator[tuple[str, str]]:
         if is_embeds_part(value):
             return
         for key, item in value.items():
+            if isinstance(key, str):
+                yield f"{path}.{key}", key
             yield from _iter_strings(item, f"{path}.{key}")
     elif isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
         for index, item in enumerate(value):

@@ -70,8 +70,11 @@ def validate_tensor(value: object, where: str, spec: PayloadSpec) -> torch.Tenso
     if not isinstance(value, torch.Tensor):
         reject(errors.NOT_A_TENSOR, where=where, got=type(value).__name__)
     tensor = value.detach()
-    if tensor.layout != torch.strided:
-        reject(errors.BAD_LAYOUT, where=where, layout=str(tensor.layout).replace("torch.", ""))
+    if tensor.is_nested or tensor.layout != torch.strided:
+        layout = "nested" if tensor.is_nested else str(tensor.layout).replace("torch.", "")
+        reject(errors.BAD_LAYOUT, where=where, layout=layout)
+    if tensor.is_meta:
+        reject(errors.META_TENSOR, where=where)
     if tensor.dim() != 2:
         reject(errors.BAD_NDIM, where=where, width=spec.width, shape=list(tensor.shape))
     rows, width = tensor.shape

@@ -180,7 +180,7 @@ class ChatEmbedsHfRenderer(HfRenderer):
 
     def _embeds_or_none(self, prompt: Any) -> Any:
         spans = cast(dict[str, Any], prompt).pop(_SPANS_KEY, None)
-        if spans is None:
+        if not spans:  # no parts, or every part dropped by the template (policy "warn")
             return None
         assert self.placeholder_id is not None
         return build_embeds_input(

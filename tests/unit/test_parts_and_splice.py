@@ -326,11 +326,6 @@ def test_reserved_text_in_tools(tools: list[Any], path: str) -> None:
     assert rejected(reject_reserved_text, messages, tools) == reserved(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _iter_strings walks dict values only, so a key (a tools JSON-schema property "
-    "name, or a key of dict-valued tool_call arguments) may carry the reserved string",
-)
 def test_reserved_text_in_tool_parameter_name() -> None:
     tools = [
         {

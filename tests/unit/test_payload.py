@@ -372,15 +372,9 @@ def test_errors_name_the_part() -> None:
         decode_payload(b64(torch.zeros(2, 3)), where, SPEC)
 
 
-# -- known gaps (see the report that added these tests) ----------------------------------------
+# -- odd tensors ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="bug: a nested tensor has layout torch.strided, passes the layout check and then "
-    "fails with RuntimeError when its shape is formatted; it should get BAD_LAYOUT",
-)
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_nested_tensor_is_rejected_by_layout() -> None:
     nested = torch.nested.nested_tensor([torch.zeros(2, WIDTH), torch.zeros(3, WIDTH)])
@@ -388,12 +382,6 @@ def test_nested_tensor_is_rejected_by_layout() -> None:
     assert message == errors.BAD_LAYOUT.format(where=WHERE, layout="nested")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=NotImplementedError,
-    reason="bug: a meta tensor (shape, no data) loads, then .cpu() raises NotImplementedError "
-    "instead of a VLLMValidationError",
-)
 def test_meta_tensor_is_rejected() -> None:
     message = rejected(b64(torch.zeros(2, WIDTH, device="meta")))
-    assert message.startswith(f"{WHERE}.data ")
+    assert message == errors.META_TENSOR.format(where=WHERE)

@@ -25,7 +25,7 @@ from typing import Any
 
 STAMP_NAME = "build_stamp.json"
 BUILDER = "build_test_model"
-BUILDER_VERSION = 1  # bump when the output format changes, so old builds are redone
+BUILDER_VERSION = 2  # bump when the output format changes, so old builds are redone
 CORPUS_BYTES = 2_000_000
 MIN_HEAD_DIM = 32  # vLLM's CPU attention backend supports head sizes >= 32 only
 
@@ -120,7 +120,7 @@ def corpus_files(budget: int = CORPUS_BYTES) -> list[Path]:
 
 def train_tokenizer(vocab: int) -> Any:
     """Train a byte-level BPE ``tokenizers.Tokenizer`` offline on the stdlib corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -134,6 +134,12 @@ def train_tokenizer(vocab: int) -> Any:
     )
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in corpus_files()]
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # Like Llama tokenizers: BOS only when the caller asks for special tokens. The chat template
+    # adds none, so a chat's `add_special_tokens` visibly changes the prompt.
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
     return tok
 
 

@@ -53,6 +53,26 @@ CASES: dict[str, Case] = {
 }
 
 
+# Request chat templates for the tiny model (ChatML-like) that reorder, repeat or drop
+# content, or take string content only.
+_BODY = (
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+)
+_TURN = "{{- '<|im_start|>' + message['role'] + '\\n' }}" + _BODY + "{{- '<|im_end|>\\n' }}"
+_GEN = "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+
+REVERSED = "{%- for message in messages | reverse %}" + _TURN + "{%- endfor %}" + _GEN
+REPEATED = "{%- for message in messages %}" + _TURN + _TURN + "{%- endfor %}" + _GEN
+LAST_ONLY = "{%- set message = messages[-1] %}" + _TURN + _GEN
+STRING_CONTENT = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{{- message['content'] }}{{- '<|im_end|>\\n' }}{%- endfor %}" + _GEN
+)
+
+
 def render(case: Case, part_for_embeds) -> list[dict[str, Any]]:
     """Turn a case into messages; ``part_for_embeds(text)`` builds each ("e", text) part."""
     messages = []

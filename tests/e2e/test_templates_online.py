@@ -8,30 +8,13 @@ from __future__ import annotations
 
 import pytest
 import requests
-from chat_cases import as_text, render
+from chat_cases import LAST_ONLY, REPEATED, REVERSED, STRING_CONTENT, as_text, render
 
 from vllm_chat_embeds import errors
 
 pytestmark = pytest.mark.e2e
 
 GREEDY = {"temperature": 0.0, "max_tokens": 16}
-
-_BODY = (
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
-    "{%- endfor %}{%- endif %}"
-)
-_TURN = "{{- '<|im_start|>' + message['role'] + '\\n' }}" + _BODY + "{{- '<|im_end|>\\n' }}"
-_GEN = "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-
-REVERSED = "{%- for message in messages | reverse %}" + _TURN + "{%- endfor %}" + _GEN
-REPEATED = "{%- for message in messages %}" + _TURN + _TURN + "{%- endfor %}" + _GEN
-LAST_ONLY = "{%- set message = messages[-1] %}" + _TURN + _GEN
-STRING_CONTENT = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{{- message['content'] }}{{- '<|im_end|>\\n' }}{%- endfor %}" + _GEN
-)
 
 CASE = [
     {"role": "user", "content": [("e", "import os"), ("t", " then")]},

@@ -1,0 +1,84 @@
+"""Send a prompt_embeds content part to ``vllm serve`` with the official ``openai`` client.
+
+The part holds the model's own input-embedding rows for a piece of text (looked up in the
+checkpoint with its tokenizer), so with greedy decoding the answer equals the answer to the
+same request sent as plain text. ``--compare`` sends that text request too.
+
+Run it against the demo server (SmolLM2-135M-Instruct, served as ``smollm2``)::
+
+    make serve                                   # terminal 1: http://127.0.0.1:8000
+    .venv/bin/python examples/online_chat.py --model-dir .models/smollm2-135m-instruct --compare
+
+Any ``vllm serve MODEL --enable-prompt-embeds`` with vllm-chat-embeds installed works;
+``--model-dir`` must be a local copy of the served checkpoint (one model.safetensors file plus
+its tokenizer). Output lines: ``embeds answer: '...'`` and ``embeds prompt_tokens: N``, and with
+``--compare`` the same two for ``text``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from openai import OpenAI
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+
+def encode_tensor(tensor: torch.Tensor) -> str:
+    """The ``data`` of a prompt_embeds part: base64 of ``torch.save(tensor)``."""
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def embedding_rows(model_dir: Path, text: str) -> torch.Tensor:
+    """The model's input embeddings of ``text``'s tokens, shape (num_tokens, hidden_size)."""
+    ids = AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+        key = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
+        key = key or next(k for k in keys if k.endswith("lm_head.weight"))  # tied weights
+        return f.get_tensor(key)[ids].clone()
+
+
+def ask(client: OpenAI, model: str, content: list[dict[str, Any]], max_tokens: int) -> Any:
+    messages: Any = [{"role": "user", "content": content}]
+    return client.chat.completions.create(
+        model=model, messages=messages, temperature=0.0, max_tokens=max_tokens
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", help="served model name (default: the server's first)")
+    parser.add_argument("--model-dir", type=Path, required=True, help="local HF checkpoint")
+    parser.add_argument("--text", default="What is the capital")
+    parser.add_argument("--embed-text", default=" of France?")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--compare", action="store_true", help="also send it all as text")
+    args = parser.parse_args()
+
+    client = OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"))
+    model = args.model or client.models.list().data[0].id
+    rows = embedding_rows(args.model_dir, args.embed_text)
+    print(f"prompt_embeds part: {rows.shape[0]} rows x {rows.shape[1]} ({args.embed_text!r})")
+    text_part = {"type": "text", "text": args.text}
+    embeds_part = {"type": "prompt_embeds", "data": encode_tensor(rows)}
+    runs = [("embeds", [text_part, embeds_part])]
+    if args.compare:
+        runs.append(("text", [text_part, {"type": "text", "text": args.embed_text}]))
+    for label, content in runs:
+        response = ask(client, model, content, args.max_tokens)
+        print(f"{label} answer: {response.choices[0].message.content!r}")
+        print(f"{label} prompt_tokens: {response.usage.prompt_tokens}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The examples run as a user would run them, and show what they claim to show.
+
+Each example prints one ``<label> answer: <repr>`` line per request; with the model's own
+embedding rows in the prompt_embeds part, greedy answers must equal the plain-text answer.
+The tiny test model is random, so the answers are gibberish, but deterministic.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, server_env
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLES = REPO / "examples"
+TIMEOUT_S = 300
+# A user text and an embedded continuation that suit the tiny model's code-trained tokenizer.
+TINY_ARGS = ["--text", "def hello(world):", "--embed-text", " return world + 1"]
+TINY_ARGS += ["--max-tokens", "16"]
+LINE = re.compile(r"^(\w+) (answer|prompt_tokens): (.*)$")
+
+
+def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Run ``examples/<name>``; return ``{"answer": {label: text}, "prompt_tokens": {...}}``."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env or {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        cwd=REPO,
+    )
+    output = f"--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, output
+    found: dict[str, dict] = {"answer": {}, "prompt_tokens": {}}
+    for line in done.stdout.splitlines():
+        match = LINE.match(line)
+        if match:
+            label, kind, value = match.groups()
+            found[kind][label] = ast.literal_eval(value)
+    return found
+
+
+def test_online_example_matches_text(plugin_server, tiny_model: Path):
+    found = run_example(
+        "online_chat.py",
+        "--model-dir", str(tiny_model),
+        "--base-url", plugin_server.base_url + "/v1",
+        "--model", plugin_server.model,
+        *TINY_ARGS,
+        "--compare",
+    )  # fmt: skip
+    answers, prompt_tokens = found["answer"], found["prompt_tokens"]
+    assert set(answers) == {"embeds", "text"}, found
+    assert answers["text"], "the model must generate something"
+    assert answers["embeds"] == answers["text"]
+    # One prompt token per embedding row: the same count as the text the rows stand for.
+    assert prompt_tokens["embeds"] == prompt_tokens["text"]
+
+
+def test_online_example_finds_the_served_model(plugin_server, tiny_model: Path):
+    answers = run_example(
+        "online_chat.py",
+        "--model-dir", str(tiny_model),
+        "--base-url", plugin_server.base_url + "/v1",
+        *TINY_ARGS,
+    )["answer"]  # fmt: skip
+    assert set(answers) == {"embeds"}, answers
+    assert answers["embeds"]
+
+
+def test_offline_example_tensor_base64_and_text_agree(tiny_model: Path, tmp_path: Path):
+    # In-process engine, vLLM's built-in prompt_embeds helpers trapped (as in the servers).
+    env = server_env(trap=True, plugins=True, mp=False, cache_root=str(tmp_path))
+    found = run_example("offline_chat.py", "--model-dir", str(tiny_model), *TINY_ARGS, env=env)
+    answers, prompt_tokens = found["answer"], found["prompt_tokens"]
+    assert set(answers) == {"tensor", "base64", "text"}, found
+    assert answers["tensor"], "the model must generate something"
+    assert answers["tensor"] == answers["base64"]
+    assert answers["tensor"] == answers["text"]
+    assert prompt_tokens["tensor"] == prompt_tokens["base64"] == prompt_tokens["text"]

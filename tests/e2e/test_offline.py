@@ -1,0 +1,67 @@
+"""``LLM.chat()`` with prompt_embeds parts: parity with text, tensors or base64, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from chat_cases import CASES, STRING_CONTENT, as_text, render
+from conftest import tensor_b64
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from vllm_chat_embeds import errors
+
+pytestmark = pytest.mark.e2e
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def generate(llm, messages, **kwargs):
+    out = llm.chat(messages, GREEDY, use_tqdm=False, **kwargs)[0]
+    return len(out.prompt_token_ids), list(out.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("form", ["tensor", "base64"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_offline_parity(offline_llm, table, name, form):
+    def part(text):
+        rows = table.rows(text)
+        return {"type": "prompt_embeds", "data": rows if form == "tensor" else tensor_b64(rows)}
+
+    case = CASES[name]
+    assert generate(offline_llm, render(case, part)) == generate(offline_llm, as_text(case))
+
+
+def test_offline_string_content_template(offline_llm, table):
+    case = CASES["every_role"]
+    reference = generate(offline_llm, as_text(case), chat_template=STRING_CONTENT)
+    assert generate(offline_llm, render(case, table.part), chat_template=STRING_CONTENT) == (
+        reference
+    )
+
+
+def test_offline_batch_of_conversations(offline_llm, table):
+    cases = [CASES["one_part"], CASES["interleaved"], CASES["multi_turn"]]
+    outs = offline_llm.chat([render(c, table.part) for c in cases], GREEDY, use_tqdm=False)
+    refs = offline_llm.chat([as_text(c) for c in cases], GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [r.outputs[0].token_ids for r in refs]
+
+
+def test_offline_bad_payload_raises_clear_error_then_recovers(offline_llm, table):
+    rows = table.rows(" return world + 1")
+    rows[0, 0] = float("nan")
+    messages = [{"role": "user", "content": [{"type": "prompt_embeds", "data": rows}]}]
+    with pytest.raises(VLLMValidationError) as info:
+        offline_llm.chat(messages, GREEDY, use_tqdm=False)
+    assert info.value.args[0] == errors.NOT_FINITE.format(where="messages[0].content[0]")
+    case = CASES["one_part"]
+    assert generate(offline_llm, render(case, table.part)) == generate(offline_llm, as_text(case))
+
+
+def test_offline_random_rows_change_output(offline_llm, table):
+    case = CASES["one_part"]
+    torch.manual_seed(1)
+    noise = {"type": "prompt_embeds", "data": torch.randn_like(table.rows(" return world + 1"))}
+    assert generate(offline_llm, render(case, lambda _: noise)) != generate(
+        offline_llm, as_text(case)
+    )

@@ -60,7 +60,7 @@ def main() -> None:
         dtype="float32",
         enforce_eager=True,
         max_model_len=2048,
-        kv_cache_memory_bytes=64 * 1024 * 1024,
+        kv_cache_memory_bytes=128 * 1024 * 1024,  # 2048 tokens of the demo model fit
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     text_part = {"type": "text", "text": args.text}

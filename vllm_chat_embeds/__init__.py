@@ -30,6 +30,10 @@ def register() -> None:
 
     from vllm.renderers.registry import RENDERER_REGISTRY
 
+    from .patches import apply_all
+
+    apply_all()
+
     ours = (f"{__name__}.renderer", "ChatEmbedsHfRenderer")
     for mode in RENDERER_MODES:
         # Set the registry entry directly: RENDERER_REGISTRY.register() would log a warning

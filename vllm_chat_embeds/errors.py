@@ -17,7 +17,6 @@ NOT_ENABLED: Final = (
     "{where}: prompt_embeds content parts need the server started with "
     "--enable-prompt-embeds (offline: LLM(..., enable_prompt_embeds=True))."
 )
-PART_NOT_OBJECT: Final = "{where}: a prompt_embeds part must be a JSON object."
 UNKNOWN_KEYS: Final = (
     "{where}: unknown key(s) {keys} in a prompt_embeds part; allowed keys are {allowed}."
 )
@@ -32,6 +31,10 @@ NOT_BASE64: Final = "{where}.data is not valid base64 ({reason})."
 TOO_MANY_BYTES: Final = (
     "{where}.data decodes to {size} bytes, over the limit of {limit} bytes per part "
     "(CHAT_EMBEDS_MAX_PART_BYTES)."
+)
+TOO_MANY_REQUEST_BYTES: Final = (
+    "The request's prompt_embeds parts decode to {size} bytes, over the limit of {limit} bytes "
+    "per request (CHAT_EMBEDS_MAX_REQUEST_BYTES)."
 )
 NOT_A_TENSOR_FILE: Final = (
     "{where}.data is not a tensor saved with torch.save (weights-only load failed: {reason})."

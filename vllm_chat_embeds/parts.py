@@ -46,14 +46,21 @@ class EmbedsPlan:
         return sum(int(p.tensor.shape[0]) for p in self.parts)
 
     def scrub(self, value: Any) -> Any:
-        """``value`` (strings, lists, dicts) with this plan's markers removed."""
+        """``value`` (strings, lists, dicts) without this plan's markers.
+
+        A content list loses the text parts that stood for prompt_embeds parts.
+        """
         if isinstance(value, str):
             return _any_marker(self.nonce).sub("", value) if self.nonce in value else value
         if isinstance(value, list):
-            return [self.scrub(v) for v in value]
+            return [self.scrub(v) for v in value if not self._is_marker_part(v)]
         if isinstance(value, dict):
             return {k: self.scrub(v) for k, v in value.items()}
         return value
+
+    def _is_marker_part(self, value: Any) -> bool:
+        text = value.get("text") if isinstance(value, dict) else None
+        return isinstance(text, str) and _any_marker(self.nonce).fullmatch(text) is not None
 
 
 def _marker(nonce: str, index: int) -> str:
@@ -144,12 +151,8 @@ def extract_parts(
             total_chars += len(data)
         payloads.append(data)
     if (total_chars // 4) * 3 > limits.max_request_bytes:
-        reject(
-            errors.TOO_MANY_BYTES,
-            where="messages",
-            size=(total_chars // 4) * 3,
-            limit=limits.max_request_bytes,
-        )
+        size = (total_chars // 4) * 3
+        reject(errors.TOO_MANY_REQUEST_BYTES, size=size, limit=limits.max_request_bytes)
 
     plan = EmbedsPlan(nonce=secrets.token_hex(8))
     rows_left = spec.max_rows

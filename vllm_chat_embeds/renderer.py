@@ -147,7 +147,7 @@ class ChatEmbedsHfRenderer(HfRenderer):
             prompt["multi_modal_data"] = mm_data
         if mm_uuids is not None:
             prompt["multi_modal_uuids"] = mm_uuids
-        return conversation, prompt
+        return _echo_ready(conversation), prompt
 
     def render_messages(self, messages: list[Any], params: Any) -> tuple[list[Any], Any]:
         messages, plan = self._take_parts(messages, params)
@@ -213,3 +213,22 @@ class ChatEmbedsHfRenderer(HfRenderer):
                 parameter=parameter or "prompt_token_ids",
                 token_id=self.placeholder_id,
             )
+
+
+def _echo_ready(conversation: list[Any]) -> list[Any]:
+    """The conversation with a text-only list as the last message's content joined to a string.
+
+    vLLM echoes the last message from this conversation. Its non-streaming echo joins text
+    parts with newlines; its streaming echo puts the list itself into a string field and fails
+    (an error event, even without prompt_embeds). Joining here makes both give the same text.
+    """
+    if not conversation:
+        return conversation
+    last = conversation[-1]
+    content = last.get("content") if isinstance(last, dict) else None
+    if not isinstance(content, list) or not all(
+        isinstance(p, dict) and p.get("type") == "text" for p in content
+    ):
+        return conversation
+    joined = "\n".join(str(p.get("text", "")) for p in content)
+    return [*conversation[:-1], {**last, "content": joined}]

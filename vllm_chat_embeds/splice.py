@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Final
 
 import torch
 from vllm.inputs.engine import EmbedsInput, embeds_input
@@ -20,6 +21,8 @@ from .limits import DroppedPolicy
 from .log import logger
 from .parts import EmbedsPlan
 from .placeholder import PLACEHOLDER_TOKEN
+
+EMBED_ROW_TOKEN_ID: Final = 0
 
 
 def expand_markers(
@@ -85,9 +88,13 @@ def build_embeds_input(
     if rows is not None:
         dense[positions] = rows
         is_token[positions] = False
+    # Embedding rows carry token id 0, the id vLLM's engine itself substitutes there: the
+    # placeholder id may lie past the model's vocabulary, and anything that indexes the
+    # vocabulary with prompt ids (prompt logprobs) would fail on it.
+    ids[positions] = EMBED_ROW_TOKEN_ID
     return embeds_input(
         prompt_embeds=dense,
-        prompt_token_ids=list(token_ids),
+        prompt_token_ids=ids.tolist(),
         is_token_ids=is_token.tolist(),
         cache_salt=cache_salt,
     )

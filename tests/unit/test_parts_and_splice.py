@@ -202,9 +202,7 @@ def test_total_base64_over_request_limit() -> None:
     limit = (total // 4) * 3 - 1
     messages = [{"role": "user", "content": parts}]
     message = rejected(extract, messages, limits=Limits(max_request_bytes=limit))
-    assert message == errors.TOO_MANY_BYTES.format(
-        where="messages", size=(total // 4) * 3, limit=limit
-    )
+    assert message == errors.TOO_MANY_REQUEST_BYTES.format(size=(total // 4) * 3, limit=limit)
 
 
 def test_payload_errors_name_their_own_part() -> None:

@@ -1,0 +1,69 @@
+"""Hostile and malformed input against a live server: a clear 400 every time, never a crash.
+
+Every case gets a 400 whose message is the plugin's message for that problem (naming the
+part); afterwards the server is healthy and still answers a greedy request correctly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+
+import pytest
+import requests
+from chat_cases import CASES as CHATS
+from chat_cases import as_text, render
+from hostile_cases import CASES, WHERE
+
+pytestmark = pytest.mark.e2e
+
+GREEDY = {"temperature": 0.0, "max_tokens": 8}
+
+
+def template_regex(template: str) -> re.Pattern[str]:
+    """A regex matching the start of any message built from ``template``."""
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out.append(re.escape(literal))
+        if field is not None:
+            out.append(".*?")
+    return re.compile("".join(out), re.DOTALL)
+
+
+def post(server, messages, **kwargs):
+    body = {"model": server.model, "messages": messages, **GREEDY, **kwargs}
+    return requests.post(server.base_url + "/v1/chat/completions", json=body, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def width(table):
+    return int(table.weight.shape[1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_case(plugin_server, table, width, case):
+    response = post(plugin_server, case.build(width, table.rows(" 1 + 2")))
+    if case.expect is None:
+        assert response.status_code == 200, response.text
+        return
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert template_regex(case.expect).match(message), message
+    if "{where}" in case.expect and case.name.startswith(("not_", "data_", "nan", "inf")):
+        assert message.startswith(WHERE), message
+    assert plugin_server.healthy()
+
+
+def test_exploit_pickle_never_ran(plugin_server):
+    assert not os.path.exists("/tmp/vce-pwned")
+
+
+def test_server_still_answers_correctly_after_hostile_requests(plugin_server, table, width):
+    for case in CASES:
+        post(plugin_server, case.build(width, table.rows(" 1 + 2")))
+    case = CHATS["interleaved"]
+    reference = post(plugin_server, as_text(case)).json()
+    with_embeds = post(plugin_server, render(case, table.part)).json()
+    assert with_embeds["choices"][0]["message"] == reference["choices"][0]["message"]
+    assert plugin_server.healthy()

@@ -1,0 +1,152 @@
+"""Hostile and malformed prompt_embeds requests, shared by the e2e test and the benchmark.
+
+Each case is a name, a function building the messages (given the model's embedding width and
+a valid row tensor), and the error template the plugin must answer with (None: must succeed).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vllm_chat_embeds import errors
+
+WHERE = "messages[0].content[1]"
+
+
+def b64(obj: Any) -> str:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class _Exploit:
+    """A pickle that would run a shell command when unpickled without restrictions."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/vce-pwned",))
+
+
+def user(part: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "text", "text": "x ="}, part]}]
+
+
+def embeds(data: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": "prompt_embeds", "data": data, **extra}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    build: Callable[[int, torch.Tensor], list[dict[str, Any]]]
+    expect: str | None  # the errors.* template, formatted with WHERE where it has {where}
+
+
+def _sparse(width: int) -> torch.Tensor:
+    index = torch.tensor([[0], [0]])
+    return torch.sparse_coo_tensor(index, torch.tensor([1.0]), (10**9, width))
+
+
+CASES: list[Case] = [
+    Case("not_base64", lambda w, r: user(embeds("@@not base64@@")), errors.NOT_BASE64),
+    Case(
+        "not_a_tensor_file",
+        lambda w, r: user(embeds(base64.b64encode(b"hello world").decode())),
+        errors.NOT_A_TENSOR_FILE,
+    ),
+    Case("pickled_dict", lambda w, r: user(embeds(b64({"rows": r}))), errors.NOT_A_TENSOR),
+    Case(
+        "exploit_pickle",
+        lambda w, r: user(embeds(base64.b64encode(pickle.dumps(_Exploit())).decode())),
+        errors.NOT_A_TENSOR_FILE,
+    ),
+    Case("one_dim", lambda w, r: user(embeds(b64(r[0]))), errors.BAD_NDIM),
+    Case("three_dim", lambda w, r: user(embeds(b64(r[None].repeat(2, 1, 1)))), errors.BAD_NDIM),
+    Case("batched", lambda w, r: user(embeds(b64(r[None]))), errors.BAD_NDIM),
+    Case("wrong_width", lambda w, r: user(embeds(b64(torch.zeros(2, w + 1)))), errors.BAD_WIDTH),
+    Case(
+        "int_dtype",
+        lambda w, r: user(embeds(b64(torch.ones(2, w, dtype=torch.int32)))),
+        errors.BAD_DTYPE,
+    ),  # fmt: skip
+    Case(
+        "bool_dtype",
+        lambda w, r: user(embeds(b64(torch.ones(2, w, dtype=torch.bool)))),
+        errors.BAD_DTYPE,
+    ),  # fmt: skip
+    Case(
+        "complex_dtype",
+        lambda w, r: user(embeds(b64(torch.ones(2, w, dtype=torch.cfloat)))),
+        errors.BAD_DTYPE,
+    ),  # fmt: skip
+    Case("zero_rows", lambda w, r: user(embeds(b64(torch.zeros(0, w)))), errors.ZERO_ROWS),
+    Case("nan", lambda w, r: user(embeds(b64(r.clone().fill_(float("nan"))))), errors.NOT_FINITE),
+    Case("inf", lambda w, r: user(embeds(b64(r.clone().fill_(float("inf"))))), errors.NOT_FINITE),
+    Case("sparse_huge", lambda w, r: user(embeds(b64(_sparse(w)))), errors.BAD_LAYOUT),
+    Case(
+        "stride_trick_huge",
+        lambda w, r: user(embeds(b64(torch.zeros(1, w).expand(10**7, w)))),
+        errors.TOO_MANY_ROWS,
+    ),
+    Case("data_missing", lambda w, r: user({"type": "prompt_embeds"}), errors.DATA_MISSING),
+    Case("data_null", lambda w, r: user(embeds(None)), errors.DATA_MISSING),
+    Case("data_number", lambda w, r: user(embeds(42)), errors.DATA_WRONG_TYPE),
+    Case("data_empty", lambda w, r: user(embeds("")), errors.DATA_EMPTY),
+    Case("unknown_key_uuid", lambda w, r: user(embeds(b64(r), uuid="abc")), errors.UNKNOWN_KEYS),
+    Case(
+        "more_rows_than_context",
+        lambda w, r: user(embeds(b64(r[:1].repeat(1100, 1)))),
+        errors.TOO_MANY_ROWS,
+    ),
+    Case(
+        "too_many_parts",
+        lambda w, r: [{"role": "user", "content": [embeds(b64(r[:1]))] * 65}],
+        errors.TOO_MANY_PARTS,
+    ),
+    Case(
+        "reserved_in_text",
+        lambda w, r: [{"role": "user", "content": "a <prompt_embeds> b"}],
+        errors.RESERVED_TEXT,
+    ),
+    Case(
+        "reserved_in_name",
+        lambda w, r: [{"role": "user", "content": "hi", "name": "<prompt_embeds>"}],
+        errors.RESERVED_TEXT,
+    ),
+    Case(
+        "reserved_in_reasoning",
+        lambda w, r: [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "ok", "reasoning": "<prompt_embeds>"},
+            {"role": "user", "content": "go"},
+        ],
+        errors.RESERVED_TEXT,
+    ),
+    Case(
+        "reserved_in_tool_arguments",
+        lambda w, r: [
+            {"role": "user", "content": "hi"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": '{"q": "<prompt_embeds>"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "content": "done", "tool_call_id": "call_1"},
+        ],
+        errors.RESERVED_TEXT,
+    ),
+    Case("valid_control", lambda w, r: user(embeds(b64(r))), None),
+]

@@ -1,0 +1,78 @@
+"""The manifest of every vLLM module this plugin patches, and how patches are applied.
+
+Why patches at all: some prompt_embeds behaviour lives in vLLM modules that have no registry.
+Each patch is one module here, named after the vLLM module it changes, and says what it
+changes, why, and when it can go. ``apply_all()`` checks every target before changing any, so
+a vLLM whose internals moved fails loudly at startup instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Final
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One patched vLLM module: what it replaces, and the function that replaces it."""
+
+    name: str  # our module under vllm_chat_embeds.patches
+    target: str  # the vLLM module
+    attributes: tuple[str, ...]  # "Class.method" or "function" names we wrap
+    why: str
+
+
+MANIFEST: Final = (
+    Patch(
+        name="v1_engine_logprobs",
+        target="vllm.v1.engine.logprobs",
+        attributes=(
+            "LogprobsProcessor.from_new_request",
+            "LogprobsProcessor._update_prompt_logprobs",
+        ),
+        why="report None as the prompt logprob of rows given as embeddings",
+    ),
+)
+
+_applied: set[str] = set()
+
+
+def _resolve(module: object, dotted: str) -> object:
+    value = module
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def check(patch: Patch, expected: dict[str, Iterable[str]]) -> None:
+    """Fail at startup if a patched attribute is missing or its parameters changed."""
+    module = importlib.import_module(patch.target)
+    for attribute in patch.attributes:
+        try:
+            target = _resolve(module, attribute)
+        except AttributeError as exc:
+            raise RuntimeError(
+                f"vllm-chat-embeds: {patch.target}.{attribute} is missing; this vLLM version "
+                f"is not supported (patch {patch.name}: {patch.why})."
+            ) from exc
+        params = list(inspect.signature(target).parameters)  # type: ignore[arg-type]
+        want = list(expected.get(attribute, params))
+        if params != want:
+            raise RuntimeError(
+                f"vllm-chat-embeds: {patch.target}.{attribute} takes {params}, expected {want}; "
+                f"this vLLM version is not supported (patch {patch.name})."
+            )
+
+
+def apply_all() -> None:
+    """Apply each patch of the manifest once per process."""
+    for patch in MANIFEST:
+        if patch.name in _applied:
+            continue
+        module = importlib.import_module(f"{__name__}.{patch.name}")
+        apply: Callable[[Patch], None] = module.apply
+        apply(patch)
+        _applied.add(patch.name)

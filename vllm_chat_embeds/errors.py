@@ -87,6 +87,12 @@ PLACEHOLDER_IN_TOKEN_IDS: Final = (
     "Token id {token_id} is the reserved prompt_embeds placeholder and cannot be sent as a "
     "token; send the embeddings as a prompt_embeds part instead."
 )
+IDS_LENGTH: Final = (
+    "prompt_token_ids has {ids} ids but prompt_embeds has {rows} rows; they must match."
+)
+MASK_LENGTH: Final = (
+    "prompt_is_token_ids has {mask} entries but prompt_embeds has {rows} rows; they must match."
+)
 TOKEN_CLASH: Final = (
     "The tokenizer already uses {token!r} for something else (it is not a single special "
     "token of its own), so vllm-chat-embeds cannot use it as the prompt_embeds placeholder."

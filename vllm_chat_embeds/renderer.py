@@ -38,7 +38,7 @@ from .limits import Limits
 from .parts import EmbedsPlan, extract_parts, has_embeds_parts, reject_reserved_text
 from .payload import PayloadSpec
 from .placeholder import with_placeholder_token
-from .splice import build_embeds_input, expand_markers
+from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input, expand_markers
 
 # Private key under which the part tensors ride on the prompt dict from rendering to
 # `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
@@ -202,6 +202,32 @@ class ChatEmbedsHfRenderer(HfRenderer):
         if engine_input is not None:
             return engine_input
         return await BaseRenderer._process_tokens_async(self, prompt, skip_mm_cache=skip_mm_cache)
+
+    def _process_embeds(self, prompt: Any) -> Any:
+        """Embeds prompts given directly (``LLM.generate``): check the ids they carry.
+
+        vLLM validates ids of token prompts only; an embeds prompt whose ``prompt_token_ids``
+        hold an id past the vocabulary at a token position kills the engine. Ids at embedding
+        positions are never looked up as tokens: they are set to 0, as for our chat prompts.
+        """
+        engine_input = super()._process_embeds(prompt)
+        ids = engine_input.get("prompt_token_ids")
+        if ids is None:
+            return engine_input
+        rows = int(engine_input["prompt_embeds"].shape[0])
+        if len(ids) != rows:
+            reject(errors.IDS_LENGTH, parameter="prompt_token_ids", ids=len(ids), rows=rows)
+        mask = engine_input.get("is_token_ids")
+        if mask is None:  # every row is an embedding; say so, so prompt logprobs are masked
+            mask = engine_input["is_token_ids"] = [False] * rows
+        elif len(mask) != rows:
+            reject(errors.MASK_LENGTH, parameter="prompt_is_token_ids", mask=len(mask), rows=rows)
+        token_ids = [i for i, is_token in zip(ids, mask, strict=True) if is_token]
+        BaseRenderer.validate_token_ids(self, token_ids, parameter="prompt_token_ids")
+        engine_input["prompt_token_ids"] = [
+            i if is_token else EMBED_ROW_TOKEN_ID for i, is_token in zip(ids, mask, strict=True)
+        ]
+        return engine_input
 
     def validate_token_ids(self, token_ids: Any, *, parameter: str | None = None) -> None:
         super().validate_token_ids(token_ids, parameter=parameter)

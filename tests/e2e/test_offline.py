@@ -65,3 +65,29 @@ def test_offline_random_rows_change_output(offline_llm, table):
     assert generate(offline_llm, render(case, lambda _: noise)) != generate(
         offline_llm, as_text(case)
     )
+
+
+def test_generate_embeds_prompt_with_out_of_vocab_token_id_is_refused(offline_llm, table):
+    rows = table.rows("def hello(world): return world")
+    n = rows.shape[0]
+    mask = [True] * n
+    mask[1] = False
+    ids = [5] * n
+    ids[0] = 10**6  # at a token position: would index past the embedding table
+    prompt = {"prompt_embeds": rows, "prompt_token_ids": ids, "prompt_is_token_ids": mask}
+    with pytest.raises(VLLMValidationError, match="out of vocabulary"):
+        offline_llm.generate(prompt, GREEDY, use_tqdm=False)
+    ids[0] = 5
+    ids[1] = 10**6  # at an embedding position: never looked up, replaced by 0
+    plp = SamplingParams(temperature=0.0, max_tokens=4, prompt_logprobs=1)
+    out = offline_llm.generate(prompt, plp, use_tqdm=False)[0]
+    assert out.prompt_logprobs[1] is None
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def test_generate_embeds_prompt_with_mismatched_ids_is_refused(offline_llm, table):
+    rows = table.rows("def hello(world):")
+    prompt = {"prompt_embeds": rows, "prompt_token_ids": [5] * (rows.shape[0] + 1)}
+    with pytest.raises(VLLMValidationError) as info:
+        offline_llm.generate(prompt, GREEDY, use_tqdm=False)
+    assert info.value.args[0] == errors.IDS_LENGTH.format(ids=rows.shape[0] + 1, rows=rows.shape[0])

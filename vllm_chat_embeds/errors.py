@@ -27,6 +27,24 @@ DATA_WRONG_TYPE: Final = (
     "{where}.data must be a base64 string (or, offline, a torch.Tensor); got {got}."
 )
 DATA_EMPTY: Final = "{where}.data is empty."
+UNKNOWN_ENCODING: Final = (
+    "{where}.encoding must be one of 'torch', 'raw', 'safetensors'; got {got}."
+)
+ENCODING_DISABLED: Final = (
+    "{where}.encoding {got!r} is disabled on this server (CHAT_EMBEDS_ENCODINGS={allowed})."
+)
+RAW_ONLY_FIELDS: Final = "{where}: 'dtype' and 'shape' apply to encoding 'raw' only."
+RAW_MISSING_FIELD: Final = "{where}.{field} is required with encoding 'raw'."
+RAW_BAD_DTYPE: Final = "{where}.dtype must be one of 'float32', 'float16', 'bfloat16'; got {got}."
+RAW_BAD_SHAPE: Final = (
+    "{where}.shape must be [num_rows, {width}] with non-negative integers; got {got}."
+)
+RAW_LENGTH: Final = (
+    "{where}.data holds {got} base64 characters, but shape {shape} in {dtype} is {nbytes} "
+    "bytes, which is {expected} base64 characters."
+)
+SAFETENSORS_BAD: Final = "{where}.data is not a valid safetensors file ({reason})."
+SAFETENSORS_COUNT: Final = "{where}.data must hold exactly one tensor; it holds {count}."
 NOT_BASE64: Final = "{where}.data is not valid base64 ({reason})."
 TOO_MANY_BYTES: Final = (
     "{where}.data decodes to {size} bytes, over the limit of {limit} bytes per part "

@@ -15,6 +15,8 @@ ENV_MAX_ROWS: Final = "CHAT_EMBEDS_MAX_ROWS"
 ENV_MAX_PART_BYTES: Final = "CHAT_EMBEDS_MAX_PART_BYTES"
 ENV_MAX_REQUEST_BYTES: Final = "CHAT_EMBEDS_MAX_REQUEST_BYTES"
 ENV_DROPPED_PARTS: Final = "CHAT_EMBEDS_DROPPED_PARTS"
+ENV_ENCODINGS: Final = "CHAT_EMBEDS_ENCODINGS"
+ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
 
 DEFAULT_MAX_PARTS: Final = 64
 DEFAULT_MAX_ROWS: Final = 32768
@@ -44,6 +46,7 @@ class Limits:
     max_part_bytes: int = DEFAULT_MAX_PART_BYTES
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     dropped_parts: DroppedPolicy = "error"
+    encodings: frozenset[str] = frozenset(ALL_ENCODINGS)
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -56,4 +59,18 @@ class Limits:
             max_part_bytes=_int_env(ENV_MAX_PART_BYTES, DEFAULT_MAX_PART_BYTES),
             max_request_bytes=_int_env(ENV_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES),
             dropped_parts=policy,  # type: ignore[arg-type]
+            encodings=_encodings_env(),
         )
+
+
+def _encodings_env() -> frozenset[str]:
+    raw = os.environ.get(ENV_ENCODINGS, "").strip()
+    if not raw:
+        return frozenset(ALL_ENCODINGS)
+    chosen = {e.strip().lower() for e in raw.split(",") if e.strip()}
+    unknown = sorted(chosen - set(ALL_ENCODINGS))
+    if unknown or not chosen:
+        raise ValueError(
+            f"{ENV_ENCODINGS} must list some of {', '.join(ALL_ENCODINGS)}; got {raw!r}"
+        )
+    return frozenset(chosen)

@@ -24,7 +24,7 @@ from .payload import PayloadSpec, decode_payload
 from .placeholder import PLACEHOLDER_TOKEN
 
 PART_TYPE: Final = "prompt_embeds"
-ALLOWED_KEYS: Final = frozenset({"type", "data"})
+ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape"})
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def has_embeds_parts(messages: Sequence[Any]) -> bool:
     return bool(_located_parts(messages))
 
 
-def _check_shape_of_part(part: Mapping[str, Any], where: str) -> object:
+def _check_keys(part: Mapping[str, Any], where: str) -> object:
     extra = sorted(str(k) for k in part if k not in ALLOWED_KEYS)
     if extra:
         reject(errors.UNKNOWN_KEYS, where=where, keys=extra, allowed=sorted(ALLOWED_KEYS))
@@ -146,7 +146,7 @@ def extract_parts(
     payloads = []
     total_chars = 0
     for m, p, where in located:
-        data = _check_shape_of_part(messages[m]["content"][p], where)
+        data = _check_keys(messages[m]["content"][p], where)
         if isinstance(data, str):
             total_chars += len(data)
         payloads.append(data)
@@ -158,8 +158,15 @@ def extract_parts(
     rows_left = spec.max_rows
     out = list(messages)
     for index, ((m, p, where), data) in enumerate(zip(located, payloads, strict=True)):
-        part_spec = replace(spec, max_rows=rows_left)
-        tensor = decode_payload(data, where, part_spec)
+        part = messages[m]["content"][p]
+        tensor = decode_payload(
+            data,
+            where,
+            replace(spec, max_rows=rows_left),
+            encoding=part.get("encoding"),
+            dtype=part.get("dtype"),
+            shape=part.get("shape"),
+        )
         rows_left -= int(tensor.shape[0])
         marker = _marker(plan.nonce, index)
         plan.parts.append(EmbedsPart(where=where, marker=marker, tensor=tensor))

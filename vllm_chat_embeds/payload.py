@@ -4,23 +4,41 @@ Why our own decoder: the built-in accepts NaN/Inf, densifies sparse tensors unde
 process-wide lock, and answers several bad payloads without naming the field. Here every
 failure is a ``VLLMValidationError`` that names the part, sizes are checked before anything
 large is allocated, and no global lock is taken.
+
+Three encodings: ``torch`` (base64 of ``torch.save``, the RFC's form and the default), ``raw``
+(base64 of row-major little-endian bytes, with ``dtype`` and ``shape`` beside it) and
+``safetensors`` (base64 of a safetensors file holding one tensor). The last two never unpickle
+anything, and are built over the decoded buffer without further copies.
 """
 
 from __future__ import annotations
 
 import binascii
 import io
+import json
 import pickle
+import sys
 from dataclasses import dataclass
 from typing import Final
 
+import pybase64
 import torch
 
 from . import errors
 from .errors import reject
+from .limits import ALL_ENCODINGS as ENCODINGS
 
 # A torch.save file is a zip; its overhead over the raw storage is small but not zero.
 _BASE64_SLACK: Final = 4
+
+RAW_DTYPES: Final = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPES: Final = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+_MAX_SAFETENSORS_HEADER: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -32,16 +50,18 @@ class PayloadSpec:
     max_part_bytes: int
     max_rows: int  # rows this part may still add to the request
     rows_limit: int  # the request-wide limit, for the message
+    encodings: frozenset[str] = frozenset(ENCODINGS)  # those the operator allows
 
 
-def _decode_base64(data: str, where: str, spec: PayloadSpec) -> bytes:
+def _decode_base64(data: str, where: str, spec: PayloadSpec) -> bytearray:
     # The decoded size is known from the text length: refuse before decoding anything.
     approx = (len(data) // 4) * 3
     if approx > spec.max_part_bytes + _BASE64_SLACK:
         reject(errors.TOO_MANY_BYTES, where=where, size=approx, limit=spec.max_part_bytes)
     try:
-        raw = binascii.a2b_base64(data.encode("ascii"), strict_mode=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
+        # A writable buffer, so raw and safetensors payloads can be viewed without a copy.
+        raw = pybase64.b64decode_as_bytearray(data.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         reason = "non-ASCII characters" if isinstance(exc, UnicodeEncodeError) else str(exc)
         reject(errors.NOT_BASE64, where=where, reason=reason)
     if not raw:
@@ -54,7 +74,7 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _load_tensor(raw: bytes, where: str) -> object:
+def _load_tensor(raw: bytearray, where: str) -> object:
     try:
         return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except (MemoryError, torch.OutOfMemoryError):
@@ -95,9 +115,129 @@ def validate_tensor(value: object, where: str, spec: PayloadSpec) -> torch.Tenso
     return tensor
 
 
-def decode_payload(data: object, where: str, spec: PayloadSpec) -> torch.Tensor:
-    """Turn a part's ``data`` (base64 of ``torch.save`` or, offline, a tensor) into embeddings."""
-    if isinstance(data, torch.Tensor):
+def _little_endian(tensor: torch.Tensor) -> torch.Tensor:
+    """Payload bytes are little-endian; on a big-endian host, swap (a copy, rare)."""
+    if sys.byteorder == "little" or tensor.element_size() == 1:
+        return tensor
+    swapped = tensor.view(torch.uint8).view(-1, tensor.element_size()).flip(1)
+    return swapped.contiguous().view(tensor.dtype).view(tensor.shape)
+
+
+def _raw_shape(shape: object, where: str, spec: PayloadSpec) -> tuple[int, int]:
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        reject(errors.RAW_BAD_SHAPE, where=where, width=spec.width, got=repr(shape))
+    if len(shape) != 2:
+        reject(errors.BAD_NDIM, where=where, width=spec.width, shape=list(shape))
+    rows, width = shape
+    if rows < 0 or width <= 0:
+        reject(errors.RAW_BAD_SHAPE, where=where, width=spec.width, got=list(shape))
+    if width != spec.width:
+        reject(errors.BAD_WIDTH, where=where, got=width, width=spec.width)
+    if rows == 0:
+        reject(errors.ZERO_ROWS, where=where)
+    if rows > spec.max_rows:
+        reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
+    return rows, width
+
+
+def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: object) -> object:
+    if dtype is None:
+        reject(errors.RAW_MISSING_FIELD, where=where, field="dtype")
+    if shape is None:
+        reject(errors.RAW_MISSING_FIELD, where=where, field="shape")
+    if dtype not in RAW_DTYPES:
+        reject(errors.RAW_BAD_DTYPE, where=where, got=repr(dtype))
+    torch_dtype = RAW_DTYPES[dtype]  # type: ignore[index]
+    rows, width = _raw_shape(shape, where, spec)
+    nbytes = rows * width * torch_dtype.itemsize
+    if nbytes > spec.max_part_bytes:
+        reject(errors.TOO_MANY_BYTES, where=where, size=nbytes, limit=spec.max_part_bytes)
+    expected = 4 * ((nbytes + 2) // 3)  # padded base64 length, known before decoding
+    if len(data) != expected:
+        reject(
+            errors.RAW_LENGTH,
+            where=where,
+            got=len(data),
+            shape=[rows, width],
+            dtype=dtype,
+            expected=expected,
+            nbytes=nbytes,
+        )
+    buffer = _decode_base64(data, where, spec)
+    if len(buffer) != nbytes:  # e.g. a padding character where data was expected
+        reject(errors.NOT_BASE64, where=where, reason=f"decoded to {len(buffer)} bytes")
+    flat = torch.frombuffer(buffer, dtype=torch_dtype)
+    return _little_endian(flat).view(rows, width)
+
+
+def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
+    buffer = _decode_base64(data, where, spec)
+
+    def bad(reason: str) -> None:
+        reject(errors.SAFETENSORS_BAD, where=where, reason=reason)
+
+    if len(buffer) < 8:
+        bad("shorter than its 8-byte header length")
+    header_len = int.from_bytes(buffer[:8], "little")
+    if header_len > min(len(buffer) - 8, _MAX_SAFETENSORS_HEADER):
+        bad(f"header length {header_len} does not fit")
+    try:
+        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+    except (UnicodeDecodeError, ValueError):
+        bad("header is not JSON")
+    if not isinstance(header, dict):
+        bad("header is not a JSON object")
+    names = [k for k in header if k != "__metadata__"]
+    if len(names) != 1:
+        reject(errors.SAFETENSORS_COUNT, where=where, count=len(names))
+    info = header[names[0]]
+    if not isinstance(info, dict):
+        bad("tensor entry is not an object")
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        reject(errors.BAD_DTYPE, where=where, dtype=str(info.get("dtype")))
+    shape = info.get("shape")
+    rows, width = _raw_shape(shape, where, spec)
+    offsets = info.get("data_offsets")
+    body = len(buffer) - 8 - header_len
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= body
+        or offsets[1] - offsets[0] != rows * width * dtype.itemsize  # type: ignore[union-attr]
+    ):
+        bad(f"data_offsets {offsets!r} do not match shape {shape} and {info.get('dtype')}")
+    start = 8 + header_len + offsets[0]
+    count = rows * width
+    flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start)  # type: ignore[arg-type]
+    return _little_endian(flat).view(rows, width)
+
+
+def decode_payload(
+    data: object,
+    where: str,
+    spec: PayloadSpec,
+    *,
+    encoding: object = None,
+    dtype: object = None,
+    shape: object = None,
+) -> torch.Tensor:
+    """Turn a part's payload into embeddings: a validated, contiguous tensor in the model dtype.
+
+    ``data`` is base64 text, or (offline, encoding ``torch``) a ``torch.Tensor`` itself.
+    """
+    encoding = "torch" if encoding is None else encoding
+    if encoding not in ENCODINGS:
+        reject(errors.UNKNOWN_ENCODING, where=where, got=repr(encoding))
+    if encoding not in spec.encodings:
+        allowed = ",".join(e for e in ENCODINGS if e in spec.encodings)
+        reject(errors.ENCODING_DISABLED, where=where, got=encoding, allowed=allowed)
+    if encoding != "raw" and (dtype is not None or shape is not None):
+        reject(errors.RAW_ONLY_FIELDS, where=where)
+    if isinstance(data, torch.Tensor) and encoding == "torch":
         return validate_tensor(data, where, spec)
     if data is None:
         reject(errors.DATA_MISSING, where=where)
@@ -105,5 +245,9 @@ def decode_payload(data: object, where: str, spec: PayloadSpec) -> torch.Tensor:
         reject(errors.DATA_WRONG_TYPE, where=where, got=type(data).__name__)
     if not data:
         reject(errors.DATA_EMPTY, where=where)
+    if encoding == "raw":
+        return validate_tensor(_decode_raw(data, where, spec, dtype, shape), where, spec)
+    if encoding == "safetensors":
+        return validate_tensor(_decode_safetensors(data, where, spec), where, spec)
     raw = _decode_base64(data, where, spec)
     return validate_tensor(_load_tensor(raw, where), where, spec)

@@ -77,6 +77,7 @@ class ChatEmbedsHfRenderer(HfRenderer):
             max_part_bytes=self.limits.max_part_bytes,
             max_rows=max_rows,
             rows_limit=max_rows,
+            encodings=self.limits.encodings,
         )
 
     # -- prompt_embeds parts ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm_chat_embeds import errors, splice
 from vllm_chat_embeds.limits import Limits
 from vllm_chat_embeds.parts import (
+    ALLOWED_KEYS,
     EmbedsPart,
     EmbedsPlan,
     extract_parts,
@@ -158,7 +159,7 @@ def test_unknown_keys_are_rejected() -> None:
     messages = [{"role": "user", "content": [text("a"), part]}]
     message = rejected(extract, messages)
     assert message == errors.UNKNOWN_KEYS.format(
-        where=where(0, 1), keys=["cache", "uuid"], allowed=["data", "type"]
+        where=where(0, 1), keys=["cache", "uuid"], allowed=sorted(ALLOWED_KEYS)
     )
 
 

@@ -1,0 +1,97 @@
+"""Build prompt_embeds content parts on the client side.
+
+Why here: clients should not need to know the wire format. ``raw`` (the default) needs only
+NumPy; ``safetensors`` needs the ``safetensors`` package; ``torch`` (the RFC's
+``torch.save`` form, a pickle) needs PyTorch. This module imports neither vLLM nor PyTorch
+unless asked to encode a PyTorch tensor or to use the ``torch`` encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import sys
+from typing import Any, Final, Literal
+
+Encoding = Literal["raw", "safetensors", "torch"]
+WireDtype = Literal["float32", "float16", "bfloat16"]
+
+_NUMPY_DTYPES: Final = {"float32": "<f4", "float16": "<f2"}
+
+
+def _is_torch(value: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _wire_dtype(value: Any, dtype: WireDtype | None) -> WireDtype:
+    if dtype is not None:
+        return dtype
+    name = str(value.dtype).removeprefix("torch.")
+    if name in ("float32", "float16", "bfloat16"):
+        return name  # type: ignore[return-value]
+    return "float32"
+
+
+def _raw_bytes(value: Any, dtype: WireDtype) -> bytes:
+    if _is_torch(value):
+        import torch
+
+        tensor = value.detach().to("cpu", getattr(torch, dtype)).contiguous()
+        data = tensor.view(torch.uint8).numpy()
+        if sys.byteorder == "big":  # the wire format is little-endian
+            data = data.reshape(-1, tensor.element_size())[:, ::-1]
+        return data.tobytes()
+    import numpy as np
+
+    if dtype == "bfloat16":
+        raise ValueError("bfloat16 needs a torch.Tensor (NumPy has no bfloat16)")
+    return np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[dtype]).tobytes()
+
+
+def prompt_embeds_part(
+    embeddings: Any, *, encoding: Encoding = "raw", dtype: WireDtype | None = None
+) -> dict[str, Any]:
+    """A ``{"type": "prompt_embeds", ...}`` content part for a 2-D array of embedding rows.
+
+    ``embeddings`` is a ``numpy.ndarray`` or a ``torch.Tensor`` of shape
+    ``(num_rows, hidden_size)``. ``dtype`` (raw and safetensors) defaults to the array's own
+    when it is float32/float16/bfloat16, float32 otherwise; the server casts to the model's.
+    """
+    shape = [int(d) for d in embeddings.shape]
+    if len(shape) != 2:
+        raise ValueError(f"embeddings must be 2-D (num_rows, hidden_size); got shape {shape}")
+    if encoding == "torch":
+        import torch
+
+        tensor = embeddings if _is_torch(embeddings) else torch.from_numpy(embeddings)
+        buf = io.BytesIO()
+        torch.save(tensor.detach().cpu().contiguous(), buf)
+        return {"type": "prompt_embeds", "data": base64.b64encode(buf.getvalue()).decode()}
+    wire = _wire_dtype(embeddings, dtype)
+    if encoding == "raw":
+        data = base64.b64encode(_raw_bytes(embeddings, wire)).decode()
+        return {
+            "type": "prompt_embeds",
+            "encoding": "raw",
+            "dtype": wire,
+            "shape": shape,
+            "data": data,
+        }
+    if encoding == "safetensors":
+        if _is_torch(embeddings):
+            import torch
+            from safetensors.torch import save
+
+            payload = save({"embeddings": embeddings.detach().cpu().to(getattr(torch, wire))})
+        else:
+            import numpy as np
+            from safetensors.numpy import save as save_numpy
+
+            if wire == "bfloat16":
+                raise ValueError("bfloat16 needs a torch.Tensor (NumPy has no bfloat16)")
+            array = np.ascontiguousarray(embeddings, dtype=_NUMPY_DTYPES[wire])
+            payload = save_numpy({"embeddings": array})
+        data = base64.b64encode(payload).decode()
+        return {"type": "prompt_embeds", "encoding": "safetensors", "data": data}
+    raise ValueError(f"encoding must be 'raw', 'safetensors' or 'torch'; got {encoding!r}")

@@ -34,11 +34,13 @@ def register() -> None:
 
     apply_all()
 
-    ours = (f"{__name__}.renderer", "ChatEmbedsHfRenderer")
+    from .other_renderers import take_over
+
+    # Registry entries are set directly: RENDERER_REGISTRY.register() would log a warning in
+    # every process that reads as if something went wrong.
+    take_over(RENDERER_REGISTRY.renderers)
     for mode in RENDERER_MODES:
-        # Set the registry entry directly: RENDERER_REGISTRY.register() would log a warning
-        # in every process that reads as if something went wrong.
-        RENDERER_REGISTRY.renderers[mode] = ours
+        RENDERER_REGISTRY.renderers[mode] = (f"{__name__}.renderer", "ChatEmbedsHfRenderer")
     _registered = True
     announce()
 

@@ -101,6 +101,10 @@ WITH_MULTIMODAL: Final = (
     "prompt_embeds parts in the same request as image, audio or video parts are not "
     "supported by vllm-chat-embeds yet."
 )
+MODE_UNSUPPORTED: Final = (
+    "{where}: prompt_embeds parts are not supported with tokenizer mode {mode!r} yet "
+    "(vllm-chat-embeds supports the 'hf' mode, i.e. Hugging Face chat templates)."
+)
 PLACEHOLDER_IN_TOKEN_IDS: Final = (
     "Token id {token_id} is the reserved prompt_embeds placeholder and cannot be sent as a "
     "token; send the embeddings as a prompt_embeds part instead."

@@ -114,6 +114,12 @@ def has_embeds_parts(messages: Sequence[Any]) -> bool:
     return bool(_located_parts(messages))
 
 
+def first_embeds_part(messages: Sequence[Any]) -> str | None:
+    """Where the first prompt_embeds part sits (``messages[i].content[j]``), if any."""
+    located = _located_parts(messages)
+    return located[0][2] if located else None
+
+
 def _check_keys(part: Mapping[str, Any], where: str) -> object:
     extra = sorted(str(k) for k in part if k not in ALLOWED_KEYS)
     if extra:

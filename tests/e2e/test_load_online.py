@@ -1,4 +1,4 @@
-"""A bounded load test: concurrent valid and hostile requests, no 5xx, no crash, no leak.
+"""A bounded load test: concurrent valid and hostile requests, no 5xx, no crash, bounded RSS.
 
 Why: the hostile test sends one request at a time. Here 6 client threads send a fixed mix of
 120 requests (every hostile case of ``hostile_cases`` twice, the rest valid prompt_embeds
@@ -8,10 +8,11 @@ same prompt token count as in the warm-up, no response may be a 5xx, and ``/heal
 ok at the end.
 
 Memory: the summed RSS of the server process tree (API server + engine core) is measured after
-a warm-up round and after the load. On the 2-core CPU machine this was written on, the growth
-was a few MB (measured: 0.0 to 3.6 MB over three runs, from about 1.38 GB), so the bound of
-``RSS_GROWTH_BOUND_MB`` = 300 MB leaves wide margin for allocator noise while still catching a
-leak of decoded tensors (a leak of every payload of the load would be several hundred MB).
+a warm-up round (every case once) and after the load. On the 2-core CPU machine this was
+written on the tree holds about 2.43 GB and grew by 9 to 19 MB over four runs, and by 28 MB
+with ten times the requests: it does not scale with the load, so it reads as allocator
+settling. The bound, ``RSS_GROWTH_BOUND_MB`` = 300 MB, is over ten times that: it ignores
+allocator noise and catches runaway growth, such as a hostile payload densified or kept alive.
 """
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""Tokenizer modes whose chat renderer does not support prompt_embeds parts yet.
+
+Extends ``vllm/renderers/registry.py``. Why: vLLM 0.32's other renderers (mistral, DeepSeek,
+Kimi, Cohere, Inkling, kimi_audio, terratorch) answer a prompt_embeds part with an unrelated
+error ("not a valid ChunkTypes", "Multi-modal processor not available", ...) or pass it to a
+multimodal path. Here each is registered as a subclass that refuses such a part up front with
+a 400 naming the tokenizer mode, and otherwise behaves exactly like vLLM's class. Classes are
+built on first use (module ``__getattr__``), so a mode whose optional dependencies are missing
+costs nothing until it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Final
+
+from . import errors
+from .errors import reject
+from .parts import first_embeds_part
+
+PREFIX: Final = "Refusing"
+
+
+def refusing_class(base: type, mode: str) -> type:
+    """A subclass of ``base`` that refuses prompt_embeds parts for tokenizer mode ``mode``."""
+
+    def _check(messages: list[Any]) -> None:
+        where = first_embeds_part(messages)
+        if where is not None:
+            reject(errors.MODE_UNSUPPORTED, where=where, mode=mode)
+
+    def render_messages(self: Any, messages: list[Any], params: Any) -> Any:
+        _check(messages)
+        return base.render_messages(self, messages, params)
+
+    async def render_messages_async(self: Any, messages: list[Any], params: Any) -> Any:
+        _check(messages)
+        return await base.render_messages_async(self, messages, params)
+
+    namespace = {
+        "__module__": __name__,
+        "__doc__": f"vLLM's {base.__name__}, refusing prompt_embeds parts ({mode!r} mode).",
+        "render_messages": render_messages,
+        "render_messages_async": render_messages_async,
+    }
+    return type(f"{PREFIX}{base.__name__}", (base,), namespace)
+
+
+# Our class name -> the built class, and -> the vLLM (module, class) it derives from.
+_BUILT: dict[str, type] = {}
+_ORIGINS: dict[str, tuple[str, str]] = {}
+
+
+def take_over(renderers: dict[str, tuple[str, str]]) -> list[str]:
+    """Point every mode except ``hf`` (ours already) at a refusing subclass; return the modes."""
+    modes = []
+    for mode, (module, class_name) in list(renderers.items()):
+        if mode == "hf" or module == __name__ or module.startswith("vllm_chat_embeds"):
+            continue
+        ours = f"{PREFIX}{class_name}__{mode}"
+        _ORIGINS[ours] = (module, class_name)
+        renderers[mode] = (__name__, ours)
+        modes.append(mode)
+    return modes
+
+
+def __getattr__(name: str) -> type:
+    if name in _BUILT:
+        return _BUILT[name]
+    if name not in _ORIGINS:
+        raise AttributeError(name)
+    module, class_name = _ORIGINS[name]
+    base = getattr(importlib.import_module(module), class_name)
+    _BUILT[name] = refusing_class(base, name.rsplit("__", 1)[1])
+    return _BUILT[name]

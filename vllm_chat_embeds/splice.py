@@ -20,6 +20,7 @@ from .errors import reject
 from .limits import DroppedPolicy
 from .log import logger
 from .parts import EmbedsPlan
+from .patches.entrypoints_serve_tokenize_serving import note_embeds_rows
 from .placeholder import PLACEHOLDER_TOKEN
 
 EMBED_ROW_TOKEN_ID: Final = 0
@@ -92,6 +93,7 @@ def build_embeds_input(
     # placeholder id may lie past the model's vocabulary, and anything that indexes the
     # vocabulary with prompt ids (prompt logprobs) would fail on it.
     ids[positions] = EMBED_ROW_TOKEN_ID
+    note_embeds_rows(is_token)
     return embeds_input(
         prompt_embeds=dense,
         prompt_token_ids=ids.tolist(),

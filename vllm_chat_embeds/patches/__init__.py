@@ -35,6 +35,12 @@ MANIFEST: Final = (
         ),
         why="report None as the prompt logprob of rows given as embeddings",
     ),
+    Patch(
+        name="entrypoints_serve_tokenize_serving",
+        target="vllm.entrypoints.serve.tokenize.serving",
+        attributes=("ServingTokenization.create_tokenize",),
+        why="/tokenize says which positions of a chat hold embeddings",
+    ),
 )
 
 _applied: set[str] = set()

@@ -64,16 +64,9 @@ def prompt_embeds_part(
     if encoding == "torch":
         import torch
 
-        if _is_torch(embeddings):
-            # A compact copy: torch.save of a view would carry its whole base storage.
-            tensor = embeddings.detach().cpu().clone(memory_format=torch.contiguous_format)
-        else:
-            import numpy as np
-
-            # A writable C-order copy: from_numpy refuses negative strides.
-            tensor = torch.from_numpy(np.array(embeddings, order="C"))
+        tensor = embeddings if _is_torch(embeddings) else torch.from_numpy(embeddings)
         buf = io.BytesIO()
-        torch.save(tensor, buf)
+        torch.save(tensor.detach().cpu().contiguous(), buf)
         return {"type": "prompt_embeds", "data": base64.b64encode(buf.getvalue()).decode()}
     wire = _wire_dtype(embeddings, dtype)
     if encoding == "raw":
@@ -90,8 +83,7 @@ def prompt_embeds_part(
             import torch
             from safetensors.torch import save
 
-            tensor = embeddings.detach().cpu().to(getattr(torch, wire)).contiguous()
-            payload = save({"embeddings": tensor})  # save() refuses non-contiguous tensors
+            payload = save({"embeddings": embeddings.detach().cpu().to(getattr(torch, wire))})
         else:
             import numpy as np
             from safetensors.numpy import save as save_numpy

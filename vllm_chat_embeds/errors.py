@@ -89,6 +89,7 @@ PART_DROPPED: Final = (
     "that content. Move the embeddings to a message the template renders, or start the "
     "server with CHAT_EMBEDS_DROPPED_PARTS=warn to ignore dropped parts."
 )
+BAD_REASONING_PART: Final = "{where}: a reasoning list may hold text and prompt_embeds parts only."
 MARKER_MANGLED: Final = (
     "The chat template altered the position marker of a prompt_embeds part, so its place "
     "in the prompt cannot be determined safely."

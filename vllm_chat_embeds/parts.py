@@ -99,15 +99,44 @@ def reject_reserved_text(messages: Sequence[Any], tools: object = None) -> None:
                 reject(errors.RESERVED_TEXT, where=path, token=PLACEHOLDER_TOKEN)
 
 
-def _located_parts(messages: Sequence[Any]) -> list[tuple[int, int, str]]:
+@dataclass(frozen=True)
+class _Slot:
+    """Where a part sits: ``messages[m].content[i]``, ``.reasoning`` or ``.reasoning[i]``."""
+
+    message: int
+    field: str  # "content" or "reasoning"
+    index: int | None
+    where: str
+
+    def get(self, messages: Sequence[Any]) -> Any:
+        value = messages[self.message][self.field]
+        return value if self.index is None else value[self.index]
+
+
+def _located_parts(messages: Sequence[Any]) -> list[_Slot]:
     found = []
     for m, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, list):
-            for p, part in enumerate(content):
-                if is_embeds_part(part):
-                    found.append((m, p, errors.PART_WHERE.format(msg=m, part=p)))
+        if not isinstance(message, Mapping):
+            continue
+        for key in ("content", "reasoning"):
+            value = message.get(key)
+            if key == "reasoning" and is_embeds_part(value):
+                found.append(_Slot(m, key, None, f"messages[{m}].reasoning"))
+            elif isinstance(value, list):
+                for p, part in enumerate(value):
+                    if is_embeds_part(part):
+                        found.append(_Slot(m, key, p, f"messages[{m}].{key}[{p}]"))
     return found
+
+
+def _reasoning_as_text(reasoning: list[Any], m: int) -> str:
+    """A reasoning list of text parts (markers by now) as the string templates expect."""
+    texts = []
+    for p, part in enumerate(reasoning):
+        if not (isinstance(part, Mapping) and part.get("type") == "text"):
+            reject(errors.BAD_REASONING_PART, where=f"messages[{m}].reasoning[{p}]")
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
 
 
 def has_embeds_parts(messages: Sequence[Any]) -> bool:
@@ -117,7 +146,7 @@ def has_embeds_parts(messages: Sequence[Any]) -> bool:
 def first_embeds_part(messages: Sequence[Any]) -> str | None:
     """Where the first prompt_embeds part sits (``messages[i].content[j]``), if any."""
     located = _located_parts(messages)
-    return located[0][2] if located else None
+    return located[0].where if located else None
 
 
 def _check_keys(part: Mapping[str, Any], where: str) -> object:
@@ -145,14 +174,14 @@ def extract_parts(
     if not located:
         return list(messages), None
     if not enabled:
-        reject(errors.NOT_ENABLED, where=located[0][2])
+        reject(errors.NOT_ENABLED, where=located[0].where)
     if len(located) > limits.max_parts:
         reject(errors.TOO_MANY_PARTS, count=len(located), limit=limits.max_parts)
 
     payloads = []
     total_chars = 0
-    for m, p, where in located:
-        data = _check_keys(messages[m]["content"][p], where)
+    for slot in located:
+        data = _check_keys(slot.get(messages), slot.where)
         if isinstance(data, str):
             total_chars += len(data)
         payloads.append(data)
@@ -163,11 +192,11 @@ def extract_parts(
     plan = EmbedsPlan(nonce=secrets.token_hex(8))
     rows_left = spec.max_rows
     out = list(messages)
-    for index, ((m, p, where), data) in enumerate(zip(located, payloads, strict=True)):
-        part = messages[m]["content"][p]
+    for index, (slot, data) in enumerate(zip(located, payloads, strict=True)):
+        part = slot.get(messages)
         tensor = decode_payload(
             data,
-            where,
+            slot.where,
             replace(spec, max_rows=rows_left),
             encoding=part.get("encoding"),
             dtype=part.get("dtype"),
@@ -175,8 +204,17 @@ def extract_parts(
         )
         rows_left -= int(tensor.shape[0])
         marker = _marker(plan.nonce, index)
-        plan.parts.append(EmbedsPart(where=where, marker=marker, tensor=tensor))
+        plan.parts.append(EmbedsPart(where=slot.where, marker=marker, tensor=tensor))
+        m = slot.message
         if out[m] is messages[m]:
-            out[m] = {**messages[m], "content": list(messages[m]["content"])}
-        out[m]["content"][p] = {"type": "text", "text": marker}
+            out[m] = dict(messages[m])
+        if slot.index is None:  # reasoning given as one part: templates expect a string
+            out[m][slot.field] = marker
+            continue
+        if out[m][slot.field] is messages[m][slot.field]:
+            out[m][slot.field] = list(messages[m][slot.field])
+        out[m][slot.field][slot.index] = {"type": "text", "text": marker}
+    for m, message in enumerate(out):
+        if message is not messages[m] and isinstance(message.get("reasoning"), list):
+            message["reasoning"] = _reasoning_as_text(message["reasoning"], m)
     return out, plan

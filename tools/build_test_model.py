@@ -12,18 +12,14 @@ records the parameters and a rebuild only happens when they change.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shutil
 import sys
 import sysconfig
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-STAMP_NAME = "build_stamp.json"
+from model_build import build_once
+
 BUILDER = "build_test_model"
 BUILDER_VERSION = 2  # bump when the output format changes, so old builds are redone
 CORPUS_BYTES = 2_000_000
@@ -245,34 +241,6 @@ def check_build(out: Path, content_format: str) -> None:
     tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
-def make_readable(build: Path) -> None:
-    """Give the build normal umask permissions; mkdtemp and transformers create private ones."""
-    umask = os.umask(0)
-    os.umask(umask)
-    build.chmod(0o777 & ~umask)
-    for path in build.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def read_stamp(out: Path) -> dict[str, Any] | None:
-    """Return the stamp of a previous build of ours, or None if there is none."""
-    try:
-        stamp = json.loads((out / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return stamp if isinstance(stamp, dict) and stamp.get("builder") == BUILDER else None
-
-
-def is_complete(out: Path, params: dict[str, Any]) -> bool:
-    """True when ``out`` already holds a finished build with the same parameters."""
-    stamp = read_stamp(out)
-    return (
-        stamp is not None
-        and stamp.get("params") == params
-        and all((out / name).is_file() for name in stamp.get("files", []))
-    )
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Build a tiny random Llama + byte-level BPE tokenizer for tests (offline)."
@@ -310,19 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         "content_format": args.content_format,
         "python": ".".join(map(str, sys.version_info[:3])),  # the corpus is this stdlib
     }
-    if is_complete(out, params):
-        print(f"[test-model] up to date: {out}")
-        return 0
-    if out.exists() and any(out.iterdir()) and read_stamp(out) is None:
-        raise SystemExit(f"{out} exists, is not empty and holds no build stamp; not touching it")
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    start = time.monotonic()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def make(tmp: Path) -> None:
         print(f"[test-model] training BPE tokenizer (vocab {args.vocab}) on stdlib sources")
         hf_tok = build_hf_tokenizer(args.vocab, args.content_format)
         print(f"[test-model] tokenizer has {len(hf_tok)} tokens")
@@ -332,20 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         # save_jinja_files=False keeps the template inside tokenizer_config.json
         hf_tok.save_pretrained(tmp, save_jinja_files=False)
         model.save_pretrained(tmp)
-        missing = [name for name in EXPECTED_FILES if not (tmp / name).is_file()]
-        if missing:
-            raise RuntimeError(f"build is missing {missing}")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        stamp = {"builder": BUILDER, "params": params, "files": files}
-        (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
-        check_build(tmp, args.content_format)
-        make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # a stale build of ours (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"[test-model] wrote {out} in {time.monotonic() - start:.1f}s")
+
+    build_once(
+        out,
+        builder=BUILDER,
+        params=params,
+        expected_files=EXPECTED_FILES,
+        make=make,
+        check=lambda tmp: check_build(tmp, args.content_format),
+        log=lambda message: print(f"[test-model] {message}"),
+    )
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import sys
+from pathlib import Path
 from typing import Any, Final, Literal
 
 Encoding = Literal["raw", "safetensors", "torch"]
@@ -49,6 +50,31 @@ def _raw_bytes(value: Any, dtype: WireDtype) -> bytes:
     return np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[dtype]).tobytes()
 
 
+def embedding_rows(model_dir: str | Path, text: str) -> Any:
+    """The rows of a local checkpoint's input-embedding table for ``text``'s tokens.
+
+    A part holding these rows must give the same greedy answer as ``text`` sent as text: the
+    quickest check that a setup works. Needs ``transformers`` and ``safetensors`` (one
+    ``model.safetensors`` file); returns a NumPy array (a ``torch.Tensor`` for bfloat16 tables).
+    """
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    ids = AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
+    path = str(model_dir / "model.safetensors")
+    with safe_open(path, framework="np") as f:
+        keys = list(f.keys())
+    name = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
+    name = name or next(k for k in keys if k.endswith("lm_head.weight"))  # tied weights
+    try:
+        with safe_open(path, framework="np") as f:
+            return f.get_slice(name)[:][ids]
+    except (TypeError, ValueError):  # NumPy has no bfloat16
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)[ids].clone()
+
+
 def prompt_embeds_part(
     embeddings: Any, *, encoding: Encoding = "raw", dtype: WireDtype | None = None
 ) -> dict[str, Any]:
@@ -64,9 +90,16 @@ def prompt_embeds_part(
     if encoding == "torch":
         import torch
 
-        tensor = embeddings if _is_torch(embeddings) else torch.from_numpy(embeddings)
+        if _is_torch(embeddings):
+            # A compact copy: torch.save of a view would carry its whole base storage.
+            tensor = embeddings.detach().cpu().clone(memory_format=torch.contiguous_format)
+        else:
+            import numpy as np
+
+            # A writable C-order copy: from_numpy refuses negative strides.
+            tensor = torch.from_numpy(np.array(embeddings, order="C"))
         buf = io.BytesIO()
-        torch.save(tensor.detach().cpu().contiguous(), buf)
+        torch.save(tensor, buf)
         return {"type": "prompt_embeds", "data": base64.b64encode(buf.getvalue()).decode()}
     wire = _wire_dtype(embeddings, dtype)
     if encoding == "raw":
@@ -83,7 +116,8 @@ def prompt_embeds_part(
             import torch
             from safetensors.torch import save
 
-            payload = save({"embeddings": embeddings.detach().cpu().to(getattr(torch, wire))})
+            tensor = embeddings.detach().cpu().to(getattr(torch, wire)).contiguous()
+            payload = save({"embeddings": tensor})  # save() refuses non-contiguous tensors
         else:
             import numpy as np
             from safetensors.numpy import save as save_numpy

@@ -147,7 +147,7 @@ def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: 
         reject(errors.RAW_MISSING_FIELD, where=where, field="dtype")
     if shape is None:
         reject(errors.RAW_MISSING_FIELD, where=where, field="shape")
-    if dtype not in RAW_DTYPES:
+    if not isinstance(dtype, str) or dtype not in RAW_DTYPES:  # a JSON list is unhashable
         reject(errors.RAW_BAD_DTYPE, where=where, got=repr(dtype))
     torch_dtype = RAW_DTYPES[dtype]  # type: ignore[index]
     rows, width = _raw_shape(shape, where, spec)
@@ -185,7 +185,7 @@ def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
         bad(f"header length {header_len} does not fit")
     try:
         header = json.loads(bytes(buffer[8 : 8 + header_len]))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
         bad("header is not JSON")
     if not isinstance(header, dict):
         bad("header is not a JSON object")
@@ -195,7 +195,8 @@ def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
     info = header[names[0]]
     if not isinstance(info, dict):
         bad("tensor entry is not an object")
-    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    name = info.get("dtype")
+    dtype = _SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         reject(errors.BAD_DTYPE, where=where, dtype=str(info.get("dtype")))
     shape = info.get("shape")

@@ -76,13 +76,12 @@ def test_online_example_finds_the_served_model(plugin_server, tiny_model: Path):
     assert answers["embeds"]
 
 
-def test_offline_example_tensor_base64_and_text_agree(tiny_model: Path, tmp_path: Path):
+def test_offline_example_tensor_raw_torch_and_text_agree(tiny_model: Path, tmp_path: Path):
     # In-process engine, vLLM's built-in prompt_embeds helpers trapped (as in the servers).
     env = server_env(trap=True, plugins=True, mp=False, cache_root=str(tmp_path))
     found = run_example("offline_chat.py", "--model-dir", str(tiny_model), *TINY_ARGS, env=env)
     answers, prompt_tokens = found["answer"], found["prompt_tokens"]
-    assert set(answers) == {"tensor", "base64", "text"}, found
+    assert set(answers) == {"tensor", "raw", "torch", "text"}, found
     assert answers["tensor"], "the model must generate something"
-    assert answers["tensor"] == answers["base64"]
-    assert answers["tensor"] == answers["text"]
-    assert prompt_tokens["tensor"] == prompt_tokens["base64"] == prompt_tokens["text"]
+    assert answers["tensor"] == answers["raw"] == answers["torch"] == answers["text"]
+    assert len(set(prompt_tokens.values())) == 1, prompt_tokens

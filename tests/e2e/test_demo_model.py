@@ -40,3 +40,16 @@ def test_demo_answers_paris_from_embeddings(demo_server):
     from_embeds = answer(demo_server, content)
     assert "Paris" in from_embeds
     assert from_embeds == answer(demo_server, text_content)
+
+
+def test_readme_example_runs_and_answers_paris(demo_server, capsys):
+    import re
+
+    source = (REPO / "README.md").read_text()
+    code = re.search(r"## Example.*?```python\n(.*?)```", source, re.S)
+    assert code is not None
+    program = code.group(1).replace("http://127.0.0.1:8000", demo_server.base_url)
+    program = program.replace(".models/smollm2-135m-instruct", str(DEMO_DIR))
+    exec(compile(program, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "Paris" in printed

@@ -43,6 +43,7 @@ __all__ = [
     "TEST_SERVER_ARGS",
     "EmbeddingTable",
     "ManagedServer",
+    "RESULTS",
     "Server",
     "build_tiny_model",
     "exit_on_sigterm",

@@ -9,11 +9,12 @@ It builds the tiny test model, starts ``vllm serve`` with the plugin, then with
 ``--enable-prompt-embeds``, ``--trust-request-chat-template`` (for the reordering-template case)
 and the CPU flags of ``tests/conftest.py``. For each case it records the HTTP status, the first
 100 characters of the error message (for a 200: the prompt token count and the reply) and
-whether the server still served a probe chat afterwards. A server that died is restarted for
-the remaining cases, and the restart is recorded. Prints a side-by-side table and writes
+whether the server afterwards still answers a fixed greedy probe chat, and with the same reply
+as at start-up. A server that died, or whose probe reply changed, is restarted for the
+remaining cases, and the restart is recorded. Prints a side-by-side table and writes
 ``benchmarks/results/hostile_side_by_side.json``.
 
-    .venv/bin/python benchmarks/hostile_side_by_side.py
+    .venv/bin/python benchmarks/hostile_side_by_side.py [--model-dir CHECKPOINT_DIR]
 """
 
 from __future__ import annotations
@@ -47,9 +48,13 @@ from common import (  # noqa: E402
 from hostile_cases import CASES as HOSTILE  # noqa: E402  (tests/, via common)
 
 MESSAGE_CHARS = 100
+DETAIL_CHARS = 600
 REQUEST_TIMEOUT_S = 120.0
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 6}
+# A fixed greedy text chat: sent after every case, its reply must stay what it was at start-up
+# (a server can stay up yet answer differently, e.g. when bad values survive a request).
 PROBE = [{"role": "user", "content": "def f(x):"}]
+PROBE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,10 @@ class Case:
 @dataclass
 class Result:
     status: int | str  # HTTP status, or "timeout" / "connection error"
-    message: str
-    alive_after: bool
+    message: str  # the first MESSAGE_CHARS characters of ``detail``
+    detail: str  # error message (or reply summary), up to DETAIL_CHARS characters
+    alive_after: bool  # /health ok and the probe chat answered 200
+    probe_unchanged: bool  # ... with the same reply as right after start-up
     restarted_after: bool = False
     seconds: float = 0.0
 
@@ -94,7 +101,11 @@ def build_cases(table: EmbeddingTable) -> list[Case]:
     rows = table.rows(" 1 + 2")
     cases = [Case(c.name, c.build(width, rows), about="hostile") for c in HOSTILE]
     part = table.part
+    by_name = {c.name: c for c in HOSTILE}
+    forged = by_name["reserved_in_tool_arguments"].build(width, rows)
+    forged += [{"role": "user", "content": [{"type": "text", "text": "x ="}, part(" 1")]}]
     cases += [
+        Case("reserved_in_tool_arguments_with_part", forged, about="e"),
         Case("echo_with_part", render(ASSISTANT_LAST, part), ECHO, "a"),
         Case("prompt_logprobs_with_part", render(PLAIN, part), {"prompt_logprobs": 1}, "a"),
         Case(
@@ -112,9 +123,8 @@ def build_cases(table: EmbeddingTable) -> list[Case]:
     return cases
 
 
-def clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 3] + "..."
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def summarize_stream(response: requests.Response) -> str:
@@ -151,37 +161,54 @@ def send(server: Server, case: Case) -> tuple[int | str, str]:
     url = server.base_url + "/v1/chat/completions"
     try:
         with requests.post(url, json=body, stream=stream, timeout=REQUEST_TIMEOUT_S) as response:
-            return response.status_code, clip(summarize(response, stream))
+            return response.status_code, one_line(summarize(response, stream))[:DETAIL_CHARS]
     except requests.Timeout:
         return "timeout", f"no answer within {REQUEST_TIMEOUT_S:.0f}s"
     except requests.RequestException as exc:
-        return "connection error", clip(f"{type(exc).__name__}: {exc}")
+        return "connection error", one_line(f"{type(exc).__name__}: {exc}")[:DETAIL_CHARS]
 
 
-def alive(server: Server) -> bool:
-    """/health is ok and a one-token text chat is served (a dead engine fails one of them)."""
+def probe(server: Server) -> str | None:
+    """The probe chat's reply, or None when the server is not healthy or fails it."""
     if not server.healthy():
-        return False
-    body = {"model": server.model, "messages": PROBE, "max_tokens": 1, "temperature": 0.0}
+        return None
+    body = {
+        "model": server.model,
+        "messages": PROBE,
+        "max_tokens": PROBE_TOKENS,
+        "temperature": 0.0,
+    }
     try:
         response = requests.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
     except requests.RequestException:
-        return False
-    return response.status_code == 200 and server.healthy()
+        return None
+    if response.status_code != 200 or not server.healthy():
+        return None
+    return str(response.json()["choices"][0]["message"]["content"])
 
 
 def run_flavour(managed: ManagedServer, cases: list[Case]) -> dict[str, Result]:
+    """Send every case in turn; restart the server after one that killed or changed it."""
     results: dict[str, Result] = {}
     with managed:
+        baseline = probe(managed.server)
         for case in cases:
             started = time.monotonic()
-            status, message = send(managed.server, case)
-            result = Result(status, message, alive(managed.server))
+            status, detail = send(managed.server, case)
+            reply = probe(managed.server)
+            result = Result(
+                status, detail[:MESSAGE_CHARS], detail, reply is not None, reply == baseline
+            )
             result.seconds = round(time.monotonic() - started, 2)
-            print(f"  {managed.flavour:8} {case.name:34} {status} alive={result.alive_after}")
-            if not result.alive_after:
+            print(
+                f"  {managed.flavour:8} {case.name:38} {status} alive={result.alive_after} "
+                f"probe_unchanged={result.probe_unchanged}",
+                flush=True,
+            )
+            if not result.probe_unchanged:
                 managed.restart()
                 result.restarted_after = True
+                baseline = probe(managed.server)
             results[case.name] = result
     return results
 
@@ -190,8 +217,12 @@ def cell(result: Result) -> str:
     return f"{result.status} {result.message}".replace("|", "\\|")
 
 
-def alive_cell(result: Result) -> str:
-    return "yes" if result.alive_after else "**NO** (died; restarted)"
+def state_cell(result: Result) -> str:
+    if not result.alive_after:
+        return "**NO** (died; restarted)"
+    if not result.probe_unchanged:
+        return "**changed**: probe answer differs (restarted)"
+    return "yes"
 
 
 def print_table(cases: list[Case], plugin: dict[str, Result], builtin: dict[str, Result]) -> None:
@@ -199,17 +230,22 @@ def print_table(cases: list[Case], plugin: dict[str, Result], builtin: dict[str,
     print("| --- | --- | --- | --- |")
     for case in cases:
         p, b = plugin[case.name], builtin[case.name]
-        name = case.name + ("" if p.alive_after else " (plugin died!)")
-        print(f"| {name} | {cell(p)} | {cell(b)} | {alive_cell(b)} |")
+        name = case.name if p.probe_unchanged else f"{case.name} (plugin: {state_cell(p)})"
+        print(f"| {name} | {cell(p)} | {cell(b)} | {state_cell(b)} |")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-name", default="hostile_side_by_side", help="results file stem")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        help="serve this checkpoint directory instead of the tiny test model (built if needed)",
+    )
     args = parser.parse_args()
     exit_on_sigterm()
 
-    model = build_tiny_model()
+    model = args.model_dir.resolve() if args.model_dir else build_tiny_model()
     table = EmbeddingTable(model)
     cases = build_cases(table)
     runs: dict[str, dict[str, Result]] = {}
@@ -234,7 +270,7 @@ def main() -> int:
             "vllm_chat_embeds": vllm_chat_embeds.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "model": str(model.relative_to(model.parents[1])),
+            "model": model.name,
             "server_args": [*CPU_FLAGS, *TEST_SERVER_ARGS],
             "request_defaults": GREEDY,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -38,7 +38,11 @@ CPU_FLAGS = [
 ]  # fmt: skip
 STARTUP_TIMEOUT_S = 240.0
 # The plugin and built-in servers take request chat templates, to test odd templates.
-TEST_SERVER_ARGS = ["--enable-prompt-embeds", "--trust-request-chat-template"]
+TEST_SERVER_ARGS = [
+    "--enable-prompt-embeds",
+    "--trust-request-chat-template",
+    "--enable-prompt-tokens-details",
+]
 
 
 def build_model(builder: str, out: Path, *args: str) -> Path:

@@ -150,3 +150,111 @@ CASES: list[Case] = [
     ),
     Case("valid_control", lambda w, r: user(embeds(b64(r))), None),
 ]
+
+
+# -- the pickle-free encodings (raw, safetensors) ------------------------------------------------
+
+
+def raw_part(rows: torch.Tensor, **override: Any) -> dict[str, Any]:
+    """A valid raw part for ``rows`` (float32), with some fields overridden."""
+    data = base64.b64encode(rows.contiguous().view(torch.uint8).numpy().tobytes()).decode()
+    part = {"type": "prompt_embeds", "encoding": "raw", "dtype": "float32", "data": data}
+    return {**part, "shape": list(rows.shape), **override}
+
+
+def safetensors_part(file: bytes) -> dict[str, Any]:
+    """A safetensors part holding ``file`` as is."""
+    return {
+        "type": "prompt_embeds",
+        "encoding": "safetensors",
+        "data": base64.b64encode(file).decode(),
+    }
+
+
+def safetensors_file(tensors: dict[str, torch.Tensor]) -> bytes:
+    """A file written by the safetensors library itself."""
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+def with_header(header: bytes, body: bytes = b"\0" * 64, size: int | None = None) -> bytes:
+    """A safetensors file with the given header bytes (and declared header length)."""
+    return (len(header) if size is None else size).to_bytes(8, "little") + header + body
+
+
+CASES.extend(
+    [
+        Case(
+            "raw_length_mismatch",
+            lambda w, r: user(raw_part(r, shape=[r.shape[0] + 1, w])),
+            errors.RAW_LENGTH,
+        ),
+        Case(
+            "raw_unknown_dtype",
+            lambda w, r: user(raw_part(r, dtype="float64")),
+            errors.RAW_BAD_DTYPE,
+        ),
+        # A JSON list is unhashable: once answered with Python's own "unhashable type" text.
+        Case(
+            "raw_list_dtype",
+            lambda w, r: user(raw_part(r, dtype=["float32"])),
+            errors.RAW_BAD_DTYPE,
+        ),
+        Case(
+            "raw_negative_dim", lambda w, r: user(raw_part(r, shape=[-1, w])), errors.RAW_BAD_SHAPE
+        ),
+        Case(
+            "raw_overflow_dims",
+            lambda w, r: user(raw_part(r, shape=[2**62, w])),
+            errors.TOO_MANY_ROWS,
+        ),
+        Case(
+            "raw_overflow_width",
+            lambda w, r: user(raw_part(r, shape=[1, 2**64])),
+            errors.BAD_WIDTH,
+        ),
+        Case(
+            "raw_missing_shape",
+            lambda w, r: user(raw_part(r, shape=None)),
+            errors.RAW_MISSING_FIELD,
+        ),
+        Case(
+            "raw_fields_with_torch",
+            lambda w, r: user(embeds(b64(r), dtype="float32", shape=list(r.shape))),
+            errors.RAW_ONLY_FIELDS,
+        ),
+        Case(
+            "unknown_encoding",
+            lambda w, r: user(embeds(b64(r), encoding="pickle")),
+            errors.UNKNOWN_ENCODING,
+        ),
+        Case(
+            "safetensors_two_tensors",
+            lambda w, r: user(safetensors_part(safetensors_file({"a": r, "b": r.clone()}))),
+            errors.SAFETENSORS_COUNT,
+        ),
+        Case(
+            "safetensors_bad_header",
+            lambda w, r: user(safetensors_part(with_header(b'{"e": ', size=2**63))),
+            errors.SAFETENSORS_BAD,
+        ),
+        # A deeply nested JSON header: once a RecursionError, answered with a 500.
+        Case(
+            "safetensors_deep_header",
+            lambda w, r: user(safetensors_part(with_header(b"[" * 50_000))),
+            errors.SAFETENSORS_BAD,
+        ),
+        Case(
+            "safetensors_int_dtype",
+            lambda w, r: user(safetensors_part(safetensors_file({"e": r.to(torch.int32)}))),
+            errors.BAD_DTYPE,
+        ),
+        Case("raw_valid_control", lambda w, r: user(raw_part(r)), None),
+        Case(
+            "safetensors_valid_control",
+            lambda w, r: user(safetensors_part(safetensors_file({"embeddings": r}))),
+            None,
+        ),
+    ]
+)

@@ -16,6 +16,7 @@ ENV_MAX_PART_BYTES: Final = "CHAT_EMBEDS_MAX_PART_BYTES"
 ENV_MAX_REQUEST_BYTES: Final = "CHAT_EMBEDS_MAX_REQUEST_BYTES"
 ENV_DROPPED_PARTS: Final = "CHAT_EMBEDS_DROPPED_PARTS"
 ENV_ENCODINGS: Final = "CHAT_EMBEDS_ENCODINGS"
+ENV_COMPACT: Final = "CHAT_EMBEDS_COMPACT"
 ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
 
 DEFAULT_MAX_PARTS: Final = 64
@@ -47,6 +48,7 @@ class Limits:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     dropped_parts: DroppedPolicy = "error"
     encodings: frozenset[str] = frozenset(ALL_ENCODINGS)
+    compact: bool = True  # send embedding rows only (False: dense, as the built-in)
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -60,6 +62,7 @@ class Limits:
             max_request_bytes=_int_env(ENV_MAX_REQUEST_BYTES, DEFAULT_MAX_REQUEST_BYTES),
             dropped_parts=policy,  # type: ignore[arg-type]
             encodings=_encodings_env(),
+            compact=os.environ.get(ENV_COMPACT, "1").strip().lower() not in ("0", "false", "no"),
         )
 
 

@@ -189,6 +189,7 @@ class ChatEmbedsHfRenderer(HfRenderer):
             spans,
             self.placeholder_id,
             cache_salt=prompt.get("cache_salt"),
+            compact=self.limits.compact,
         )
 
     def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:

@@ -66,36 +66,42 @@ def build_embeds_input(
     placeholder_id: int,
     *,
     cache_salt: str | None = None,
+    compact: bool = True,
 ) -> EmbedsInput:
-    """Locate the placeholder spans (vectorised) and build vLLM's embeds engine input."""
+    """Locate the placeholder spans (vectorised) and build vLLM's embeds engine input.
+
+    Compact (the default): ``prompt_embeds`` holds only the embedding rows, in position order,
+    beside full-length token ids and the ``is_token_ids`` mask; the patches listed in
+    ``patches/__init__.py`` teach vLLM's engine that layout. Dense: one row per position,
+    zeros at token positions, as vLLM's built-in sends.
+    """
     ids = torch.as_tensor(token_ids, dtype=torch.long)
     positions = torch.nonzero(ids == placeholder_id).flatten()
     lengths = torch.tensor([int(t.shape[0]) for t in spans], dtype=torch.long)
     expected = int(lengths.sum()) if len(spans) else 0
-    if positions.numel() != expected:
+    if positions.numel() != expected or not spans:
         reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
-    if spans:
-        # Positions ascend, so a span is contiguous iff its last and first positions differ
-        # by its length minus one.
-        starts = torch.cumsum(lengths, 0) - lengths
-        ends = starts + lengths - 1
-        if not bool(torch.all(positions[ends] - positions[starts] == lengths - 1)):
-            reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
-    rows = torch.cat(list(spans)) if spans else None
-    width = int(rows.shape[1]) if rows is not None else 0
-    dtype = rows.dtype if rows is not None else torch.float32
-    dense = torch.zeros(len(ids), width, dtype=dtype)
+    # Positions ascend, so a span is contiguous iff its last and first positions differ by its
+    # length minus one.
+    starts = torch.cumsum(lengths, 0) - lengths
+    ends = starts + lengths - 1
+    if not bool(torch.all(positions[ends] - positions[starts] == lengths - 1)):
+        reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
+    rows = torch.cat(list(spans)) if len(spans) > 1 else spans[0]
     is_token = torch.ones(len(ids), dtype=torch.bool)
-    if rows is not None:
-        dense[positions] = rows
-        is_token[positions] = False
+    is_token[positions] = False
+    if compact:
+        prompt_embeds = rows
+    else:
+        prompt_embeds = rows.new_zeros((len(ids), rows.shape[1]))
+        prompt_embeds[positions] = rows
     # Embedding rows carry token id 0, the id vLLM's engine itself substitutes there: the
     # placeholder id may lie past the model's vocabulary, and anything that indexes the
     # vocabulary with prompt ids (prompt logprobs) would fail on it.
     ids[positions] = EMBED_ROW_TOKEN_ID
     note_embeds_rows(is_token)
     return embeds_input(
-        prompt_embeds=dense,
+        prompt_embeds=prompt_embeds,
         prompt_token_ids=ids.tolist(),
         is_token_ids=is_token.tolist(),
         cache_salt=cache_salt,

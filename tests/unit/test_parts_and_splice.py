@@ -454,7 +454,7 @@ def test_marker_of_another_request_is_left_alone() -> None:
 def test_rows_land_at_placeholder_positions() -> None:
     a, b = block(2, 10), block(3, 20)
     ids = [1, 2, PH, PH, 3, PH, PH, PH, 4]
-    result = build_embeds_input(ids, [a, b], PH)
+    result = build_embeds_input(ids, [a, b], PH, compact=False)
     assert result["type"] == "embeds"
     # Embedding rows carry token id 0 (the placeholder id may lie past the vocabulary).
     assert result["prompt_token_ids"] == [1, 2, 0, 0, 3, 0, 0, 0, 4]
@@ -468,10 +468,22 @@ def test_rows_land_at_placeholder_positions() -> None:
     assert "cache_salt" not in result
 
 
+def test_compact_input_carries_only_the_rows() -> None:
+    a, b = block(2, 10), block(3, 20)
+    ids = [1, 2, PH, PH, 3, PH, PH, PH, 4]
+    compact = build_embeds_input(ids, [a, b], PH)
+    dense = build_embeds_input(ids, [a, b], PH, compact=False)
+    assert torch.equal(compact["prompt_embeds"], torch.cat([a, b]))
+    mask = torch.tensor(compact["is_token_ids"])
+    assert torch.equal(dense["prompt_embeds"][~mask], compact["prompt_embeds"])
+    assert compact["prompt_token_ids"] == dense["prompt_token_ids"]
+    assert compact["is_token_ids"] == dense["is_token_ids"]
+
+
 def test_adjacent_spans_of_two_parts() -> None:
     a, b = block(2, 10), block(3, 20)
     ids = [7, PH, PH, PH, PH, PH, 8]
-    result = build_embeds_input(ids, [a, b], PH)
+    result = build_embeds_input(ids, [a, b], PH, compact=False)
     assert result["is_token_ids"] == [True] + [False] * 5 + [True]
     assert torch.equal(result["prompt_embeds"][1:6], torch.cat([a, b]))
 
@@ -479,7 +491,7 @@ def test_adjacent_spans_of_two_parts() -> None:
 def test_span_order_follows_the_given_spans() -> None:
     a, b = block(2, 10), block(3, 20)
     ids = [PH, PH, PH, 5, PH, PH]
-    result = build_embeds_input(ids, [b, a], PH)
+    result = build_embeds_input(ids, [b, a], PH, compact=False)
     assert torch.equal(result["prompt_embeds"][0:3], b)
     assert torch.equal(result["prompt_embeds"][4:6], a)
 
@@ -494,7 +506,7 @@ def test_prompt_made_only_of_placeholders() -> None:
 
 def test_dtype_of_the_rows_is_kept() -> None:
     a = block(2, 1).to(torch.bfloat16)
-    result = build_embeds_input([1, PH, PH], [a], PH)
+    result = build_embeds_input([1, PH, PH], [a], PH, compact=False)
     assert result["prompt_embeds"].dtype == torch.bfloat16
     assert torch.equal(result["prompt_embeds"][1:], a)
 
@@ -556,7 +568,7 @@ def test_extract_expand_build_round_trip() -> None:
     assert plan is not None
     prompt, spans = expand_markers(render(out), plan, "error")
     ids = tokenize(prompt)
-    result = build_embeds_input(ids, spans, PH)
+    result = build_embeds_input(ids, spans, PH, compact=False)
     mask = torch.tensor(result["is_token_ids"])
     assert int((~mask).sum()) == 6
     assert torch.equal(

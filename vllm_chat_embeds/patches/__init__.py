@@ -27,6 +27,36 @@ class Patch:
 
 MANIFEST: Final = (
     Patch(
+        name="vllm_utils",
+        target="vllm.utils",
+        attributes=("length_from_prompt_token_ids_or_embeds",),
+        why="compact transport: a prompt's length comes from its token ids",
+    ),
+    Patch(
+        name="v1_engine_input_processor",
+        target="vllm.v1.engine.input_processor",
+        attributes=("InputProcessor._validate_model_input",),
+        why="compact transport: validate embeds inputs that carry only their rows",
+    ),
+    Patch(
+        name="v1_core_kv_cache_utils",
+        target="vllm.v1.core.kv_cache_utils",
+        attributes=("_gen_prompt_embeds_extra_hash_keys",),
+        why="compact transport: hash a block's own rows and mask; text blocks hash as text",
+    ),
+    Patch(
+        name="v1_worker_gpu_model_runner",
+        target="vllm.v1.worker.gpu_model_runner",
+        attributes=("GPUModelRunner._prepare_inputs", "GPUModelRunner._prepare_input_ids"),
+        why="compact transport: copy only the scheduled embedding rows each step (V1 runner)",
+    ),
+    Patch(
+        name="v1_worker_gpu_model_states_prompt_embeds",
+        target="vllm.v1.worker.gpu.model_states.prompt_embeds",
+        attributes=("PromptEmbedsState.add_request",),
+        why="compact transport: the V2 runner gets the dense tensor it expects",
+    ),
+    Patch(
         name="v1_engine_logprobs",
         target="vllm.v1.engine.logprobs",
         attributes=(

@@ -1,0 +1,117 @@
+"""Patch of ``vllm/v1/worker/gpu_model_runner.py``: copy only the scheduled embedding rows.
+
+What: while ``GPUModelRunner._prepare_inputs`` runs, the input batch's per-request embeddings
+are hidden from vLLM's per-step copy (which slices them by absolute position, assuming one row
+per prompt position); just before ``_prepare_input_ids`` moves the step's inputs to the
+device, we write the rows of the scheduled embedding positions, and only those, into
+``inputs_embeds``. Token positions are filled by vLLM from the embedding table as before.
+Requests with one row per position (vLLM's own embeds prompts) are copied as vLLM does. This
+is the V1 runner (the CPU runner subclasses it; CUDA's fallback). When it can go: when vLLM
+carries embedding rows compactly itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import Patch, check
+
+_PENDING = "_vllm_chat_embeds_pending_rows"
+
+
+def copy_scheduled_rows(
+    dst: torch.Tensor,
+    rows_by_req: dict[int, torch.Tensor],
+    *,
+    num_reqs: int,
+    cu_num_tokens: np.ndarray,
+    num_scheduled: np.ndarray,
+    num_computed: np.ndarray,
+    num_prompt: np.ndarray,
+    is_token_ids: np.ndarray,
+) -> None:
+    """Write each request's scheduled embedding rows at their places in ``dst``."""
+    for req_idx, rows in rows_by_req.items():
+        if req_idx >= num_reqs:
+            continue
+        count = int(num_scheduled[req_idx])
+        start = int(num_computed[req_idx])
+        prompt_len = int(num_prompt[req_idx])
+        if count <= 0 or start >= prompt_len:
+            continue
+        end = min(start + count, prompt_len)
+        out = int(cu_num_tokens[req_idx]) - count
+        if rows.shape[0] == prompt_len:  # one row per position: vLLM's own layout
+            dst[out : out + end - start].copy_(rows[start:end])
+            continue
+        embedded = ~is_token_ids[req_idx, :end]
+        local = np.flatnonzero(embedded[start:])
+        if local.size == 0:
+            continue
+        first = int(np.count_nonzero(embedded[:start]))
+        dst[torch.from_numpy(out + local)] = rows[first : first + local.size]
+
+
+def apply(patch: Patch) -> None:
+    from vllm.v1.worker import gpu_model_runner
+
+    check(
+        patch,
+        {
+            "GPUModelRunner._prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
+            "GPUModelRunner._prepare_input_ids": (
+                "self",
+                "scheduler_output",
+                "num_reqs",
+                "total_num_scheduled_tokens",
+                "cu_num_tokens",
+            ),
+        },
+    )
+    cls = gpu_model_runner.GPUModelRunner
+    original_prepare_inputs = cls._prepare_inputs
+    original_prepare_input_ids = cls._prepare_input_ids
+
+    def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
+        batch = self.input_batch
+        rows_by_req = batch.req_prompt_embeds
+        if not rows_by_req:
+            return original_prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        batch.req_prompt_embeds = {}  # vLLM's absolute-position copy is skipped...
+        setattr(self, _PENDING, (rows_by_req, num_scheduled_tokens))
+        try:
+            return original_prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        finally:
+            batch.req_prompt_embeds = rows_by_req
+            setattr(self, _PENDING, None)
+
+    def _prepare_input_ids(
+        self: Any,
+        scheduler_output: Any,
+        num_reqs: int,
+        total_num_scheduled_tokens: int,
+        cu_num_tokens: Any,
+    ) -> None:
+        pending = getattr(self, _PENDING, None)
+        if pending is not None:  # ...and ours runs before the inputs move to the device
+            rows_by_req, num_scheduled = pending
+            batch = self.input_batch
+            copy_scheduled_rows(
+                self.inputs_embeds.cpu,
+                rows_by_req,
+                num_reqs=num_reqs,
+                cu_num_tokens=np.asarray(cu_num_tokens),
+                num_scheduled=np.asarray(num_scheduled),
+                num_computed=batch.num_computed_tokens_cpu,
+                num_prompt=batch.num_prompt_tokens,
+                is_token_ids=batch.is_token_ids,
+            )
+        original_prepare_input_ids(
+            self, scheduler_output, num_reqs, total_num_scheduled_tokens, cu_num_tokens
+        )
+
+    cls._prepare_inputs = _prepare_inputs  # type: ignore[method-assign]
+    cls._prepare_input_ids = _prepare_input_ids  # type: ignore[method-assign]

@@ -74,6 +74,7 @@ class Result:
     detail: str  # error message (or reply summary), up to DETAIL_CHARS characters
     alive_after: bool  # /health ok and the probe chat answered 200
     probe_unchanged: bool  # ... with the same reply as right after start-up
+    probe_reply: str | None  # that reply (None: no answer)
     restarted_after: bool = False
     seconds: float = 0.0
 
@@ -197,7 +198,7 @@ def run_flavour(managed: ManagedServer, cases: list[Case]) -> dict[str, Result]:
             status, detail = send(managed.server, case)
             reply = probe(managed.server)
             result = Result(
-                status, detail[:MESSAGE_CHARS], detail, reply is not None, reply == baseline
+                status, detail[:MESSAGE_CHARS], detail, reply is not None, reply == baseline, reply
             )
             result.seconds = round(time.monotonic() - started, 2)
             print(
@@ -275,6 +276,7 @@ def main() -> int:
             "request_defaults": GREEDY,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
+        "probe": {"messages": PROBE, "max_tokens": PROBE_TOKENS},
         "servers": {
             flavour: {"restarts": m.restarts, "startup_s": m.startup_s}
             for flavour, m in servers.items()

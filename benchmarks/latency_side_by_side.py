@@ -1,8 +1,10 @@
 """What a chat prompt_embeds part costs: this plugin vs vLLM's built-in, side by side (issue 5).
 
-Why: both implementations turn a chat with parts into one dense, full-length ``prompt_embeds``
+Why: vLLM's built-in turns a chat with parts into one dense, full-length ``prompt_embeds``
 tensor (every prompt position, text included, as ``hidden`` float32 values), so a part may cost
-far more than its own rows. This script measures that, for both, in one run, on equal terms.
+far more than its own rows; this plugin sends only the rows by default (compact transport,
+``CHAT_EMBEDS_COMPACT=0`` or ``--plugin-dense`` here for the dense layout). This script
+measures what a part costs with each, in one run, on equal terms.
 
 Model: ``tools/build_test_model.py --hidden 4096 --layers 1`` (an 8B model's width, one cheap
 layer), built into ``.models/wide-4096``. The builder gives it 4 heads of 1024, which vLLM's CPU
@@ -26,12 +28,15 @@ and every embeds variant once to one server in a shuffled order, then the same t
 (see ``Switch`` for the pause in between). "added" is the median over runs of (embeds - text of
 the same run and server). Every request carries a fresh ``cache_salt``: with prefix
 caching on, no request can reuse another's KV blocks (repeats would otherwise be ~10x faster
-and hide the prefill), while the cost of hashing the blocks, which for embeds hashes the
-embedding tensor, stays in the measurement; the caching-off variant shows it without.
+and hide the prefill), while the cost of hashing the blocks stays in the measurement (the
+built-in hashes the embeddings of every block, text positions included; the compact plugin
+only blocks holding rows); the caching-off variant shows the cost without.
 
-Engine bytes (computed, not measured): the dense tensor the renderer hands to the engine,
-``prompt_tokens x hidden x 4`` bytes (float32) for an embeds request, for both implementations;
-a text request sends token ids only. Body bytes: the JSON request size (base64 of torch.save).
+Engine bytes (computed, not measured): the ``prompt_embeds`` tensor the renderer hands to the
+engine for an embeds request, float32 (4 bytes a value): built-in (and plugin with the dense
+layout) ``prompt_tokens x hidden x 4``; plugin compact ``parts x rows x hidden x 4``. Both also
+send the token ids and a 1-byte-per-position mask, left out; a text request sends ids only.
+Body bytes: the JSON request size (base64 of torch.save).
 
 Throughput: ``--requests`` chats sent by ``--concurrency`` clients at once (24 and 4 by default),
 the text chat vs the embeds chat, per server.
@@ -58,6 +63,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -222,14 +228,22 @@ def check_impl(impl: Impl, server: Server) -> None:
 
 
 @contextmanager
-def serve_both(model: Path, caching: Caching, cache_root: str) -> Iterator[dict[Impl, Server]]:
+def serve_both(
+    model: Path, caching: Caching, cache_root: str, plugin_env: dict[str, str]
+) -> Iterator[dict[Impl, Server]]:
     """Start both servers at once (start-up is mostly idle imports) and always stop both."""
     flags = server_flags(model, caching)
     command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", "{port}", *flags]
     managers: dict[Impl, AbstractContextManager[Server]] = {
         impl: run_server(
             model,
-            env=server_env(trap=False, plugins=impl == "plugin", mp=True, cache_root=cache_root),
+            env=server_env(
+                trap=False,
+                plugins=impl == "plugin",
+                mp=True,
+                cache_root=cache_root,
+                extra=plugin_env if impl == "plugin" else None,
+            ),
             command=command,
         )
         for impl in IMPLS
@@ -261,6 +275,7 @@ class Chats:
     def __init__(self, table: EmbeddingTable, seed: int) -> None:
         self.table = table
         tok = table.tokenizer
+        tok.model_max_length = MAX_MODEL_LEN  # the builder says 2048; the servers allow 4096
         pool = sorted(set(keyword.kwlist) | {n for n in dir(builtins) if n.isalpha()})
         self.ids: dict[str, int] = {}
         for word in pool:
@@ -486,11 +501,25 @@ def median_ms(values: Sequence[float]) -> float | None:
     return round(1000 * statistics.median(values), 1) if values else None
 
 
-def summarize(samples: list[Sample], hidden: int, bodies: dict[tuple[int, str], int]) -> list[dict]:
+def engine_bytes(impl: Impl, dense_plugin: bool, prompt_tokens: int, cell: str, hidden: int) -> int:
+    """The prompt_embeds tensor one embeds request hands to the engine (see the docstring)."""
+    parts, rows = (int(n) for n in cell.split("x"))
+    positions = prompt_tokens if impl == "builtin" or dense_plugin else parts * rows
+    return positions * hidden * DTYPE_BYTES
+
+
+def summarize(
+    samples: list[Sample], hidden: int, bodies: dict[tuple[int, str], int], dense_plugin: bool
+) -> list[dict]:
     """One row per (caching, length, cell): medians, added latency, ratios, bytes, parity."""
     ok = [s for s in samples if s.status == 200]
     index = {(s.caching, s.impl, s.length, s.cell, s.run): s for s in ok}
-    keys = sorted({(s.caching, s.length, s.cell) for s in samples}, key=lambda k: (k[0], k[1]))
+
+    def order(key: tuple[Caching, int, str]) -> tuple[bool, int, list[int]]:
+        caching, length, cell = key  # caching on first, then by length, parts and rows
+        return caching != "on", length, [int(n) for n in cell.split("x")] if cell != "text" else []
+
+    keys = sorted({(s.caching, s.length, s.cell) for s in samples}, key=order)
     rows: list[dict[str, Any]] = []
     for caching, length, cell in keys:
         if cell == "text":
@@ -526,6 +555,9 @@ def summarize(samples: list[Sample], hidden: int, bodies: dict[tuple[int, str], 
                 "ratio": round(emb_ms / text_ms, 3) if text_ms and emb_ms else None,
                 "parity": f"{sum(parity)}/{len(parity)}",
                 "prompt_tokens": emb[0].prompt_tokens if emb else None,
+                "engine_bytes": engine_bytes(
+                    impl, dense_plugin, emb[0].prompt_tokens if emb else 0, cell, hidden
+                ),
                 "failed": sum(
                     s.status != 200
                     for s in samples
@@ -533,8 +565,6 @@ def summarize(samples: list[Sample], hidden: int, bodies: dict[tuple[int, str], 
                 ),
             }
         p, b = row["plugin"], row["builtin"]
-        tokens = p["prompt_tokens"] or b["prompt_tokens"] or 0
-        row["engine_bytes"] = tokens * hidden * DTYPE_BYTES
         row["body_bytes"] = bodies[(length, cell)]
         row["plugin_over_builtin"] = (
             round(p["embeds_ms"] / b["embeds_ms"], 3) if p["embeds_ms"] and b["embeds_ms"] else None
@@ -549,9 +579,10 @@ def fmt(value: float | None, spec: str = ".0f") -> str:
 
 def print_latency(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'cache':5} {'tokens':>6} {'parts':>6} {'engMB':>6} {'bodyMB':>6} | "
-        f"{'plugin: text':>12} {'embeds':>6} {'+ms':>5} {'x':>5} {'par':>4} | "
-        f"{'built-in: text':>14} {'embeds':>6} {'+ms':>5} {'x':>5} {'par':>4} | {'p/b':>5}"
+        f"{'cache':5} {'tokens':>6} {'parts':>6} {'bodyMB':>6} | "
+        f"{'plugin: engMB':>13} {'text':>5} {'embeds':>6} {'+ms':>5} {'x':>5} {'par':>4} | "
+        f"{'built-in: engMB':>15} {'text':>5} {'embeds':>6} {'+ms':>5} {'x':>5} {'par':>4} | "
+        f"{'p/b':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -559,11 +590,11 @@ def print_latency(rows: list[dict[str, Any]]) -> None:
         p, b = row["plugin"], row["builtin"]
         print(
             f"{row['caching']:5} {row['length']:>6} {row['cell']:>6} "
-            f"{row['engine_bytes'] / 1e6:>6.1f} {row['body_bytes'] / 1e6:>6.2f} | "
-            f"{fmt(p['text_ms']):>12} {fmt(p['embeds_ms']):>6} {fmt(p['added_ms'], '+.0f'):>5} "
-            f"{fmt(p['ratio'], '.2f'):>5} {p['parity']:>4} | "
-            f"{fmt(b['text_ms']):>14} {fmt(b['embeds_ms']):>6} {fmt(b['added_ms'], '+.0f'):>5} "
-            f"{fmt(b['ratio'], '.2f'):>5} {b['parity']:>4} | "
+            f"{row['body_bytes'] / 1e6:>6.2f} | "
+            f"{p['engine_bytes'] / 1e6:>13.2f} {fmt(p['text_ms']):>5} {fmt(p['embeds_ms']):>6} "
+            f"{fmt(p['added_ms'], '+.0f'):>5} {fmt(p['ratio'], '.2f'):>5} {p['parity']:>4} | "
+            f"{b['engine_bytes'] / 1e6:>15.2f} {fmt(b['text_ms']):>5} {fmt(b['embeds_ms']):>6} "
+            f"{fmt(b['added_ms'], '+.0f'):>5} {fmt(b['ratio'], '.2f'):>5} {b['parity']:>4} | "
             f"{fmt(row['plugin_over_builtin'], '.2f'):>5}"
         )
 
@@ -654,6 +685,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Grid]:
     parser.add_argument("--caching", choices=("on", "off", "both"), help="prefix caching variants")
     parser.add_argument("--requests", type=int, help="throughput: requests per batch (0: skip)")
     parser.add_argument("--concurrency", type=int, help="throughput: parallel clients")
+    parser.add_argument(
+        "--plugin-dense",
+        action="store_true",
+        help="serve the plugin with CHAT_EMBEDS_COMPACT=0 (dense layout, as the built-in)",
+    )
     parser.add_argument("--hidden", type=int, default=4096, help="model width (default 4096)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -678,6 +714,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Grid]:
     return args, grid
 
 
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     args, grid = parse_args(argv)
     exit_on_sigterm()
@@ -690,6 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: list[Sample] = []
     tput: list[dict[str, Any]] = []
     startup_s: dict[str, float] = {}
+    plugin_env = {"CHAT_EMBEDS_COMPACT": "0" if args.plugin_dense else "1"}
+    transport = "dense" if args.plugin_dense else "compact"
     with vllm_cache_root() as cache_root:
         for caching in grid.caching:
             lengths = grid.lengths if caching == "on" else grid.off_lengths
@@ -698,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"\n== prefix caching {caching}: starting plugin and built-in servers", flush=True
             )
             t0 = time.monotonic()
-            with serve_both(model, caching, cache_root) as servers:
+            with serve_both(model, caching, cache_root, plugin_env) as servers:
                 startup_s[caching] = round(time.monotonic() - t0, 1)
                 print(f"  both healthy after {startup_s[caching]}s", flush=True)
                 switch = Switch(servers, chats)
@@ -713,16 +758,18 @@ def main(argv: list[str] | None = None) -> int:
         for cell in set(grid.cells) | set(grid.off_cells):
             if fits(length, cell):
                 bodies[(length, cell_name(cell))] = Body(chats.content(words, cell)).size
-    rows = summarize(samples, hidden, bodies)
+    rows = summarize(samples, hidden, bodies, args.plugin_dense)
     elapsed = round(time.monotonic() - started, 1)
     overrides = hf_overrides(model)
     print(
-        f"\nmodel {model.name}: hidden {hidden}, 1 layer, hf-overrides {overrides}; "
-        f"medians of {grid.runs} runs, max_tokens=1 greedy, a fresh cache_salt per request"
+        f"\nmodel {model.name}: hidden {hidden}, 1 layer, hf-overrides {overrides}; plugin "
+        f"transport {transport}; medians of {grid.runs} runs, max_tokens=1 greedy, a fresh "
+        "cache_salt per request"
     )
     print(
-        "tokens = user text tokens; parts = parts x rows; engMB = prompt_tokens x hidden x 4 B "
-        "(dense tensor to the engine, both impls); bodyMB = JSON request size;\n"
+        "tokens = user text tokens; parts = parts x rows; bodyMB = JSON request size; engMB = "
+        "prompt_embeds tensor to the engine, computed: dense prompt_tokens x hidden x 4 B "
+        "(built-in), rows x hidden x 4 B (plugin, compact);\n"
         "text/embeds = median ms; +ms = median (embeds - text) per run; x = embeds/text; "
         "par = runs with the same reply and prompt_tokens as text; p/b = plugin/built-in embeds\n"
     )
@@ -732,20 +779,28 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(s.status != 200 for s in samples) + sum(t["failed"] for t in tput)
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"{NAME}.png"
-    plot(rows, png, f"prompt_embeds part cost, {model.name} (hidden {hidden}), plugin vs built-in")
+    plot(
+        rows,
+        png,
+        f"prompt_embeds part cost, {model.name} (hidden {hidden}), plugin ({transport}) vs "
+        f"built-in, medians of {grid.runs} runs",
+    )
     meta = {
         "model": str(model),
         "hidden": hidden,
         "hf_overrides": overrides,
         "server_flags": {c: server_flags(model, c) for c in grid.caching},
         "grid": asdict(grid),
-        "engine_bytes": "prompt_tokens x hidden x 4 (float32): the dense prompt_embeds tensor",
+        "plugin_transport": transport,
+        "engine_bytes": "prompt_embeds tensor, float32: built-in (and dense plugin) "
+        "prompt_tokens x hidden x 4; compact plugin parts x rows x hidden x 4",
         "elapsed_s": elapsed,
         "startup_s": startup_s,
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
+        "vllm": package_version("vllm"),
         "failed_requests": failed,
     }
     data = {

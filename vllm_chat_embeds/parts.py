@@ -91,9 +91,12 @@ def _iter_strings(value: object, path: str) -> Iterator[tuple[str, str]]:
             yield from _iter_strings(item, f"{path}[{index}]")
 
 
-def reject_reserved_text(messages: Sequence[Any], tools: object = None) -> None:
+def reject_reserved_text(
+    messages: Sequence[Any], tools: object = None, template_kwargs: object = None
+) -> None:
     """Refuse the placeholder string anywhere a user-controlled string reaches the template."""
-    for root, value in (("messages", messages), ("tools", tools)):
+    roots = (("messages", messages), ("tools", tools), ("chat_template_kwargs", template_kwargs))
+    for root, value in roots:
         for path, text in _iter_strings(value, root):
             if PLACEHOLDER_TOKEN in text:
                 reject(errors.RESERVED_TEXT, where=path, token=PLACEHOLDER_TOKEN)

@@ -84,7 +84,8 @@ class ChatEmbedsHfRenderer(HfRenderer):
 
     def _take_parts(self, messages: list[Any], params: Any) -> tuple[list[Any], EmbedsPlan | None]:
         if self.embeds_enabled:
-            reject_reserved_text(messages, params.chat_template_kwargs.get("tools"))
+            kwargs = {k: v for k, v in params.chat_template_kwargs.items() if k != "tools"}
+            reject_reserved_text(messages, params.chat_template_kwargs.get("tools"), kwargs)
         return extract_parts(
             messages,
             enabled=self.embeds_enabled and self.placeholder_id is not None,

@@ -1,16 +1,17 @@
 """A bounded load test: concurrent valid and hostile requests, no 5xx, no crash, bounded RSS.
 
 Why: the hostile test sends one request at a time. Here 6 client threads send a fixed mix of
-120 requests (every hostile case of ``hostile_cases`` twice, the rest valid prompt_embeds
-chats) to one live plugin server over loopback, so decoding, rejecting and serving overlap.
-It stops by itself. Every hostile case must get its 400, every valid request a 200 with the
-same prompt token count as in the warm-up, no response may be a 5xx, and ``/health`` must be
-ok at the end.
+120 requests (every hostile case of ``hostile_cases`` twice, the rest, at least 24, valid
+prompt_embeds chats) to one live plugin server over loopback, so decoding, rejecting and
+serving overlap. It stops by itself. Every hostile case must get its 400, every valid request
+a 200 with the same prompt token count as in the warm-up, no response may be a 5xx, and at the
+end ``/health`` must be ok and a greedy probe chat, sent alone, must answer exactly as before
+the load (bad values surviving a request would change it).
 
 Memory: the summed RSS of the server process tree (API server + engine core) is measured after
 a warm-up round (every case once) and after the load. On the 2-core CPU machine this was
-written on the tree holds about 2.43 GB and grew by 9 to 19 MB over four runs, and by 28 MB
-with ten times the requests: it does not scale with the load, so it reads as allocator
+written on the tree holds about 2.4 to 2.5 GB and grew by 6 to 19 MB over nine runs, and by
+28 MB with ten times the requests: it does not scale with the load, so it reads as allocator
 settling. The bound, ``RSS_GROWTH_BOUND_MB`` = 300 MB, is over ten times that: it ignores
 allocator noise and catches runaway growth, such as a hostile payload densified or kept alive.
 """
@@ -33,9 +34,11 @@ pytestmark = pytest.mark.e2e
 CLIENT_THREADS = 6
 TOTAL_REQUESTS = 120
 HOSTILE_ROUNDS = 2  # every hostile case this many times within TOTAL_REQUESTS
+MIN_VALID = 24  # valid requests even if the hostile table outgrows TOTAL_REQUESTS
 RSS_GROWTH_BOUND_MB = 300.0
 REQUEST_TIMEOUT_S = 60.0
 GREEDY = {"temperature": 0.0, "max_tokens": 4}
+PROBE = [{"role": "user", "content": "def f(x):"}]
 # Texts whose embedding rows make the valid requests; distinct so payloads differ.
 VALID_TEXTS = (" 1 + 2", " return x", " import os", " for i in range(3):", " print(x)")
 
@@ -81,6 +84,14 @@ def send(server, job: Job) -> Outcome:
     return Outcome(job, response.status_code, payload)
 
 
+def probe_reply(server) -> str:
+    body = {"model": server.model, "messages": PROBE, "temperature": 0.0, "max_tokens": 8}
+    url = server.base_url + "/v1/chat/completions"
+    response = requests.post(url, json=body, timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
+
+
 def run_all(server, jobs: list[Job]) -> list[Outcome]:
     with ThreadPoolExecutor(max_workers=CLIENT_THREADS) as pool:
         return list(pool.map(lambda job: send(server, job), jobs))
@@ -119,10 +130,12 @@ def test_bounded_concurrent_load(plugin_server, table):
         if outcome.job.valid_text is not None:
             prompt_tokens[outcome.job.valid_text] = outcome.body["usage"]["prompt_tokens"]
     assert set(prompt_tokens) == set(VALID_TEXTS)
+    reply_before = probe_reply(plugin_server)
     rss_before = tree_rss_bytes(plugin_server.proc.pid)
 
     jobs = hostile * HOSTILE_ROUNDS
-    jobs += [valid(VALID_TEXTS[i % len(VALID_TEXTS)]) for i in range(TOTAL_REQUESTS - len(jobs))]
+    valid_count = max(TOTAL_REQUESTS - len(jobs), MIN_VALID)
+    jobs += [valid(VALID_TEXTS[i % len(VALID_TEXTS)]) for i in range(valid_count)]
     random.Random(0).shuffle(jobs)
     start = time.monotonic()
     outcomes = run_all(plugin_server, jobs)
@@ -147,4 +160,5 @@ def test_bounded_concurrent_load(plugin_server, table):
             assert usage["prompt_tokens"] == prompt_tokens[outcome.job.valid_text], usage
             assert outcome.body["choices"][0]["finish_reason"] in ("length", "stop")
     assert plugin_server.healthy()
+    assert probe_reply(plugin_server) == reply_before
     assert growth_mb < RSS_GROWTH_BOUND_MB, f"server RSS grew by {growth_mb:.1f} MB"

@@ -1,0 +1,32 @@
+"""docs/support-matrix.md lists every renderer mode of vLLM's registry with its real status."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from vllm.renderers.registry import RENDERER_REGISTRY
+
+import vllm_chat_embeds
+
+pytestmark = pytest.mark.unit
+
+MATRIX = Path(__file__).resolve().parents[2] / "docs" / "support-matrix.md"
+
+
+def documented_modes() -> dict[str, str]:
+    rows = re.findall(r"^\| `(\w+)` \| (served|refused)", MATRIX.read_text(), re.M)
+    return dict(rows)
+
+
+def test_matrix_matches_the_registry():
+    vllm_chat_embeds.register()
+    documented = documented_modes()
+    assert set(documented) == set(RENDERER_REGISTRY.renderers)
+    for mode, (module, class_name) in RENDERER_REGISTRY.renderers.items():
+        if documented[mode] == "served":
+            assert class_name == "ChatEmbedsHfRenderer", mode
+        else:
+            assert module == "vllm_chat_embeds.other_renderers", mode
+            assert class_name.startswith("Refusing"), mode

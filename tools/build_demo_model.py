@@ -21,7 +21,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from model_build import build_once
+from model_build import CHECKPOINT_FILES, build_once
 
 BUILDER = "build_demo_model"
 BUILDER_VERSION = 1  # bump when the output format changes, so old builds are redone
@@ -45,13 +45,7 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-EXPECTED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
+EXPECTED_FILES = CHECKPOINT_FILES
 
 
 def log(message: str) -> None:

@@ -18,7 +18,7 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from model_build import build_once
+from model_build import CHECKPOINT_FILES, build_once
 
 BUILDER = "build_test_model"
 BUILDER_VERSION = 2  # bump when the output format changes, so old builds are redone
@@ -30,13 +30,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
 FORBIDDEN = "<prompt_embeds>"  # vLLM registers this itself; it must not pre-exist
 
-EXPECTED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
+EXPECTED_FILES = CHECKPOINT_FILES
 
 # The pieces shared by both content formats. Newlines are emitted only from string literals so
 # the output does not depend on Jinja's trim_blocks/lstrip_blocks settings.

@@ -18,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 STAMP_NAME = "build_stamp.json"
+# What a Hugging Face checkpoint for vLLM needs, besides what a builder adds.
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 
 
 def read_stamp(out: Path, builder: str) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
+from payload_spec import MAX_ROWS, WIDTH, make_spec
 from safetensors.torch import save as save_safetensors
 from vllm.exceptions import VLLMValidationError
 
@@ -35,8 +36,6 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 WHERE = errors.PART_WHERE.format(msg=1, part=2)
-WIDTH = 8
-MAX_ROWS = 64
 ENCODINGS: list[Encoding] = ["raw", "safetensors", "torch"]
 PICKLE_FREE_ENCODINGS: list[Encoding] = ["raw", "safetensors"]
 WIRE: dict[WireDtype, torch.dtype] = {
@@ -48,18 +47,6 @@ WIRE: dict[WireDtype, torch.dtype] = {
 CAST_RTOL = {"float32": 0.0, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 SOURCE = torch.randn(5, WIDTH, generator=torch.Generator().manual_seed(0))
 LITTLE_ENDIAN = pytest.mark.skipif(sys.byteorder != "little", reason="views need a LE host")
-
-
-def make_spec(dtype: torch.dtype = torch.float32, **overrides: Any) -> PayloadSpec:
-    fields: dict[str, Any] = {
-        "width": WIDTH,
-        "dtype": dtype,
-        "max_part_bytes": 1 << 20,
-        "max_rows": MAX_ROWS,
-        "rows_limit": MAX_ROWS,
-    }
-    fields.update(overrides)
-    return PayloadSpec(**fields)
 
 
 SPEC = make_spec()

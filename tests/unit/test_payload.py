@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from payload_spec import MAX_ROWS, WIDTH, make_spec
 from vllm.exceptions import VLLMValidationError
 
 from vllm_chat_embeds import errors
@@ -19,20 +20,6 @@ from vllm_chat_embeds.payload import PayloadSpec, decode_payload, validate_tenso
 pytestmark = pytest.mark.unit
 
 WHERE = errors.PART_WHERE.format(msg=1, part=2)
-WIDTH = 8
-MAX_ROWS = 64
-
-
-def make_spec(dtype: torch.dtype = torch.float32, **overrides: object) -> PayloadSpec:
-    fields: dict[str, object] = {
-        "width": WIDTH,
-        "dtype": dtype,
-        "max_part_bytes": 1 << 20,
-        "max_rows": MAX_ROWS,
-        "rows_limit": MAX_ROWS,
-    }
-    fields.update(overrides)
-    return PayloadSpec(**fields)  # type: ignore[arg-type]
 
 
 SPEC = make_spec()

@@ -147,7 +147,7 @@ GRIDS: dict[str, Grid] = {
         requests=24,
         concurrency=4,
     ),
-    # Every cell of issue 5, five runs, both caching modes: ~45 min.
+    # Every cell of issue 5, five runs, both caching modes: ~25 min.
     "full": Grid(
         lengths=(256, 1000, 3000),
         cells=ALL_CELLS,
@@ -466,8 +466,8 @@ def throughput_phase(
         "embeds": Body(chats.content(words, grid.tput_cell)),
     }
     out: list[dict[str, Any]] = []
-    for kind, body in bodies.items():
-        for impl in IMPLS:
+    for turn, (kind, body) in enumerate(bodies.items()):
+        for impl in IMPLS if turn % 2 == 0 else IMPLS[::-1]:  # one switch less, fairer order
             datas = [body.render() for _ in range(grid.requests)]
             server = servers[impl]
             switch.to(impl)
@@ -552,6 +552,12 @@ def summarize(
                 "added_range_ms": [median_ms([min(added)]), median_ms([max(added)])]
                 if added
                 else None,
+                # Fastest embeds - fastest text: less hit by a spike of outside load.
+                "added_min_ms": median_ms(
+                    [min(e.seconds for e in emb) - min(t.seconds for t in text)]
+                )
+                if emb and text
+                else None,
                 "ratio": round(emb_ms / text_ms, 3) if text_ms and emb_ms else None,
                 "parity": f"{sum(parity)}/{len(parity)}",
                 "prompt_tokens": emb[0].prompt_tokens if emb else None,
@@ -619,7 +625,8 @@ def print_throughput(tput: list[dict[str, Any]], grid: Grid) -> None:
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     """Added latency vs text length: one line per implementation x rows, a panel per parts.
 
-    Bars span the smallest to largest per-run difference, to show how far to trust a median.
+    Bars span the smallest to largest per-run difference, to show how far to trust a median;
+    the y range follows the medians, so a bar running off the panel marks a noisy cell.
     """
     import matplotlib
 
@@ -657,8 +664,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                     xs, ys, yerr=spread, fmt=style, marker=marker, color=colours[n_rows],
                     label=label, capsize=3, elinewidth=0.8,
                 )  # fmt: skip
+        # One scale for all panels, set by the medians; a bar cut at the edge marks a noisy run.
+        medians = [r[impl]["added_ms"] for r in rows for impl in IMPLS if r[impl]["added_ms"]]
+        lo, hi = min([0.0, *medians]), max([0.0, *medians])
+        pad = max(50.0, 0.3 * (hi - lo))
+        ax.set_ylim(lo - pad, hi + pad)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xscale("log")
+        ax.set_xlim(min(lengths) / 1.4, max(lengths) * 1.4)
         ax.xaxis.set_major_locator(FixedLocator(lengths))
         ax.xaxis.set_major_formatter(FixedFormatter([str(n) for n in lengths]))
         ax.xaxis.set_minor_locator(NullLocator())
@@ -768,9 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "tokens = user text tokens; parts = parts x rows; bodyMB = JSON request size; engMB = "
-        "prompt_embeds tensor to the engine, computed: dense prompt_tokens x hidden x 4 B "
-        "(built-in), rows x hidden x 4 B (plugin, compact);\n"
-        "text/embeds = median ms; +ms = median (embeds - text) per run; x = embeds/text; "
+        "prompt_embeds tensor to the engine, computed: prompt_tokens x hidden x 4 B (built-in"
+        + (", plugin dense);\n" if args.plugin_dense else "), rows x hidden x 4 B (plugin);\n")
+        + "text/embeds = median ms; +ms = median (embeds - text) per run; x = embeds/text; "
         "par = runs with the same reply and prompt_tokens as text; p/b = plugin/built-in embeds\n"
     )
     print_latency(rows)

@@ -87,6 +87,18 @@ def _load_tensor(raw: bytearray, where: str) -> object:
         reject(errors.NOT_A_TENSOR_FILE, where=where, reason=_short(exc))
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One reduction, no mask: a finite sum proves every value finite (NaN and Inf propagate).
+
+    A non-finite sum may only be an overflow of large finite values, so then min and max,
+    which are NaN or infinite exactly when some value is, decide.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def validate_tensor(value: object, where: str, spec: PayloadSpec) -> torch.Tensor:
     """Check shape, dtype, size and values; return a contiguous CPU tensor in the model dtype."""
     if not isinstance(value, torch.Tensor):
@@ -112,9 +124,7 @@ def validate_tensor(value: object, where: str, spec: PayloadSpec) -> torch.Tenso
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     tensor = tensor.to(spec.dtype).contiguous()
-    # min and max are NaN if any value is, and infinite if any value is: one pass, no mask.
-    low, high = torch.aminmax(tensor)
-    if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
+    if not _all_finite(tensor):
         reject(errors.NOT_FINITE, where=where)
     return tensor
 

@@ -372,3 +372,10 @@ def test_nested_tensor_is_rejected_by_layout() -> None:
 def test_meta_tensor_is_rejected() -> None:
     message = rejected(b64(torch.zeros(2, WIDTH, device="meta")))
     assert message == errors.META_TENSOR.format(where=WHERE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_large_finite_values_whose_sum_overflows_are_accepted(dtype: torch.dtype) -> None:
+    big = torch.finfo(dtype).max / 2
+    tensor = torch.full((4, WIDTH), big, dtype=dtype)
+    assert torch.equal(decode_payload(tensor, WHERE, make_spec(dtype)), tensor)

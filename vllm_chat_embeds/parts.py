@@ -13,6 +13,7 @@ import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any, Final
 
 import torch
@@ -51,7 +52,7 @@ class EmbedsPlan:
         A content list loses the text parts that stood for prompt_embeds parts.
         """
         if isinstance(value, str):
-            return _any_marker(self.nonce).sub("", value) if self.nonce in value else value
+            return self.any_marker.sub("", value) if self.nonce in value else value
         if isinstance(value, list):
             return [self.scrub(v) for v in value if not self._is_marker_part(v)]
         if isinstance(value, dict):
@@ -60,15 +61,16 @@ class EmbedsPlan:
 
     def _is_marker_part(self, value: Any) -> bool:
         text = value.get("text") if isinstance(value, dict) else None
-        return isinstance(text, str) and _any_marker(self.nonce).fullmatch(text) is not None
+        return isinstance(text, str) and self.any_marker.fullmatch(text) is not None
+
+    @cached_property
+    def any_marker(self) -> re.Pattern[str]:
+        """Matches any marker of this plan (``_marker`` with this nonce)."""
+        return re.compile(re.escape(f"<|pe:{self.nonce}:") + r"\d+\|>")
 
 
 def _marker(nonce: str, index: int) -> str:
     return f"<|pe:{nonce}:{index}|>"
-
-
-def _any_marker(nonce: str) -> re.Pattern[str]:
-    return re.compile(re.escape(f"<|pe:{nonce}:") + r"\d+\|>")
 
 
 def is_embeds_part(part: object) -> bool:

@@ -84,7 +84,16 @@ def _resolve(module: object, dotted: str) -> object:
 
 
 def check(patch: Patch, expected: dict[str, Iterable[str]]) -> None:
-    """Fail at startup if a patched attribute is missing or its parameters changed."""
+    """Fail at startup if a patched attribute is missing or its parameters changed.
+
+    ``expected`` names every attribute of the manifest entry, so no patched attribute goes
+    without a signature check and the manifest cannot drift from what the patch wraps.
+    """
+    if set(expected) != set(patch.attributes):
+        raise RuntimeError(
+            f"vllm-chat-embeds: patch {patch.name} checks {sorted(expected)} but the manifest "
+            f"lists {sorted(patch.attributes)}."
+        )
     module = importlib.import_module(patch.target)
     for attribute in patch.attributes:
         try:
@@ -95,7 +104,7 @@ def check(patch: Patch, expected: dict[str, Iterable[str]]) -> None:
                 f"is not supported (patch {patch.name}: {patch.why})."
             ) from exc
         params = list(inspect.signature(target).parameters)  # type: ignore[arg-type]
-        want = list(expected.get(attribute, params))
+        want = list(expected[attribute])
         if params != want:
             raise RuntimeError(
                 f"vllm-chat-embeds: {patch.target}.{attribute} takes {params}, expected {want}; "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from functools import cached_property
 from typing import Any, Final, cast
 
 from vllm.renderers.base import BaseRenderer
@@ -35,17 +34,16 @@ from vllm.utils.async_utils import make_async
 from . import announce, errors
 from .errors import reject
 from .limits import Limits
-from .parts import EmbedsPlan, extract_parts, has_embeds_parts, reject_reserved_text
-from .payload import PayloadSpec
+from .parts import EmbedsPlan
 from .placeholder import with_placeholder_token
-from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input, expand_markers
+from .render_common import SPANS_KEY, EmbedsRendererMixin
+from .splice import EMBED_ROW_TOKEN_ID, add_embeds_items, expand_markers
 
-# Private key under which the part tensors ride on the prompt dict from rendering to
-# `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
-_SPANS_KEY: Final = "_vllm_chat_embeds_spans"
+# Media that may share a request with prompt_embeds parts (tested end to end on Idefics3).
+MEDIA_WITH_EMBEDS: Final = frozenset({"image"})
 
 
-class ChatEmbedsHfRenderer(HfRenderer):
+class ChatEmbedsHfRenderer(EmbedsRendererMixin, HfRenderer):
     def __init__(self, config: Any, tokenizer: Any) -> None:
         # HfRenderer.__init__ registers the built-in placeholder; we set up what it sets up,
         # but with our own placeholder registration.
@@ -67,40 +65,6 @@ class ChatEmbedsHfRenderer(HfRenderer):
             maybe_make_thread_pool(self.tokenizer, model_config.renderer_num_workers + 1)
         self.limits = Limits.from_env()
         announce()
-
-    @cached_property
-    def payload_spec(self) -> PayloadSpec:
-        max_rows = min(self.limits.max_rows, self.model_config.max_model_len)
-        return PayloadSpec(
-            width=self.model_config.get_hidden_size(),
-            dtype=self.model_config.dtype,
-            max_part_bytes=self.limits.max_part_bytes,
-            max_rows=max_rows,
-            rows_limit=max_rows,
-            encodings=self.limits.encodings,
-        )
-
-    # -- prompt_embeds parts ------------------------------------------------------------------
-
-    def _take_parts(self, messages: list[Any], params: Any) -> tuple[list[Any], EmbedsPlan | None]:
-        if self.embeds_enabled:
-            kwargs = {k: v for k, v in params.chat_template_kwargs.items() if k != "tools"}
-            reject_reserved_text(messages, params.chat_template_kwargs.get("tools"), kwargs)
-        return extract_parts(
-            messages,
-            enabled=self.embeds_enabled and self.placeholder_id is not None,
-            spec=self.payload_spec,
-            limits=self.limits,
-        )
-
-    async def _take_parts_async(
-        self, messages: list[Any], params: Any
-    ) -> tuple[list[Any], EmbedsPlan | None]:
-        if not has_embeds_parts(messages):
-            return self._take_parts(messages, params)
-        # Decoding is CPU work: keep it off the event loop.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._take_parts, messages, params)
 
     # -- rendering ----------------------------------------------------------------------------
 
@@ -140,10 +104,10 @@ class ChatEmbedsHfRenderer(HfRenderer):
         prompt = cast(dict[str, Any], parse_dec_only_prompt(rendered))
         if plan is not None:
             if mm_data:
-                reject(errors.WITH_MULTIMODAL)
+                _check_media(mm_data)
             text, spans = expand_markers(prompt["prompt"], plan, self.limits.dropped_parts)
             prompt["prompt"] = text
-            prompt[_SPANS_KEY] = spans
+            prompt[SPANS_KEY] = spans
             conversation = plan.scrub(conversation)  # vLLM echoes it back to clients
         if mm_data is not None:
             prompt["multi_modal_data"] = mm_data
@@ -180,31 +144,31 @@ class ChatEmbedsHfRenderer(HfRenderer):
 
     # -- engine input -------------------------------------------------------------------------
 
-    def _embeds_or_none(self, prompt: Any) -> Any:
-        spans = cast(dict[str, Any], prompt).pop(_SPANS_KEY, None)
-        if not spans:  # no parts, or every part dropped by the template (policy "warn")
-            return None
+    def _add_embeds_items(self, engine_input: Any, spans: list[Any]) -> Any:
+        """Parts beside images: the image processor has run; add each part as an item."""
         assert self.placeholder_id is not None
-        return build_embeds_input(
-            prompt["prompt_token_ids"],
+        return add_embeds_items(
+            engine_input,
             spans,
             self.placeholder_id,
-            cache_salt=prompt.get("cache_salt"),
-            compact=self.limits.compact,
+            hasher=self.model_config.get_multimodal_config().mm_hasher_algorithm,
         )
 
     def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
-        engine_input = self._embeds_or_none(prompt)
-        if engine_input is not None:
-            return engine_input
-        # BaseRenderer's, not HfRenderer's: the latter exists only for built-in prompt_embeds.
-        return BaseRenderer._process_tokens(self, prompt, skip_mm_cache=skip_mm_cache)
+        spans = _media_spans(prompt)
+        engine_input = super()._process_tokens(prompt, skip_mm_cache=skip_mm_cache)
+        return engine_input if spans is None else self._add_embeds_items(engine_input, spans)
 
     async def _process_tokens_async(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
-        engine_input = self._embeds_or_none(prompt)
-        if engine_input is not None:
+        spans = _media_spans(prompt)
+        engine_input = await super()._process_tokens_async(prompt, skip_mm_cache=skip_mm_cache)
+        if spans is None:
             return engine_input
-        return await BaseRenderer._process_tokens_async(self, prompt, skip_mm_cache=skip_mm_cache)
+        # Hashing the rows is CPU work: keep it off the event loop.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, self._add_embeds_items, engine_input, spans
+        )
 
     def _process_embeds(self, prompt: Any) -> Any:
         """Embeds prompts given directly (``LLM.generate``): check the ids they carry.
@@ -242,6 +206,24 @@ class ChatEmbedsHfRenderer(HfRenderer):
                 parameter=parameter or "prompt_token_ids",
                 token_id=self.placeholder_id,
             )
+
+
+def _check_media(mm_data: Any) -> None:
+    """Parts beside images are served; beside other media (untested), a 400 naming them."""
+    others = sorted(str(m) for m in mm_data if m not in MEDIA_WITH_EMBEDS)
+    if others:
+        reject(errors.WITH_MULTIMODAL, modalities=", ".join(others))
+
+
+def _media_spans(prompt: Any) -> list[Any] | None:
+    """Take the parts of a prompt that also has media; the rest is left to the embeds path.
+
+    With media the prompt stays a token prompt through vLLM's image processor, and the parts
+    are added to its multimodal result afterwards (``splice.add_embeds_items``).
+    """
+    if not prompt.get("multi_modal_data"):
+        return None
+    return cast(dict[str, Any], prompt).pop(SPANS_KEY, None) or None
 
 
 def _echo_ready(conversation: list[Any]) -> list[Any]:

@@ -1,0 +1,103 @@
+"""What every chat renderer the plugin serves does with prompt_embeds parts (extends
+``vllm/renderers/base.py``).
+
+Why a mixin: vLLM picks one renderer class per tokenizer mode (``hf``, ``mistral``, ...), and
+each renders a chat its own way (a Jinja template to text, or ``mistral_common`` straight to
+token ids). Taking the parts out of the messages before rendering, and turning placeholder
+spans into the engine's embeds input after tokenization, are the same for all of them and live
+here once. A renderer using it sets ``embeds_enabled``, ``placeholder_id`` and ``limits``, and
+leaves the spans under ``SPANS_KEY`` on the prompt dict it renders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import cached_property
+from typing import Any, Final, cast
+
+from vllm.renderers.base import BaseRenderer
+
+from .limits import Limits
+from .parts import EmbedsPlan, extract_parts, has_embeds_parts, reject_reserved_text
+from .payload import PayloadSpec
+from .splice import build_embeds_input
+
+# Private key under which the part tensors ride on the prompt dict from rendering to
+# `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
+SPANS_KEY: Final = "_vllm_chat_embeds_spans"
+
+
+class EmbedsRendererMixin:
+    """Parts in, embeds engine input out; mixed in before a vLLM renderer class."""
+
+    model_config: Any
+    _executor: Any
+    embeds_enabled: bool
+    placeholder_id: int | None
+    limits: Limits
+
+    @cached_property
+    def payload_spec(self) -> PayloadSpec:
+        max_rows = min(self.limits.max_rows, self.model_config.max_model_len)
+        return PayloadSpec(
+            width=self.model_config.get_hidden_size(),
+            dtype=self.model_config.dtype,
+            max_part_bytes=self.limits.max_part_bytes,
+            max_rows=max_rows,
+            rows_limit=max_rows,
+            encodings=self.limits.encodings,
+        )
+
+    # -- prompt_embeds parts ------------------------------------------------------------------
+
+    def _take_parts(self, messages: list[Any], params: Any) -> tuple[list[Any], EmbedsPlan | None]:
+        if self.embeds_enabled:
+            kwargs = {k: v for k, v in params.chat_template_kwargs.items() if k != "tools"}
+            reject_reserved_text(messages, params.chat_template_kwargs.get("tools"), kwargs)
+        return extract_parts(
+            messages,
+            enabled=self.embeds_enabled and self.placeholder_id is not None,
+            spec=self.payload_spec,
+            limits=self.limits,
+        )
+
+    async def _take_parts_async(
+        self, messages: list[Any], params: Any
+    ) -> tuple[list[Any], EmbedsPlan | None]:
+        if not has_embeds_parts(messages):
+            return self._take_parts(messages, params)
+        # Decoding is CPU work: keep it off the event loop.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._take_parts, messages, params)
+
+    # -- engine input -------------------------------------------------------------------------
+
+    def _embeds_or_none(self, prompt: Any) -> Any:
+        spans = cast(dict[str, Any], prompt).pop(SPANS_KEY, None)
+        if not spans:  # no parts, or every part dropped by the template (policy "warn")
+            return None
+        assert self.placeholder_id is not None
+        return build_embeds_input(
+            prompt["prompt_token_ids"],
+            spans,
+            self.placeholder_id,
+            cache_salt=prompt.get("cache_salt"),
+            compact=self.limits.compact,
+        )
+
+    def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        engine_input = self._embeds_or_none(prompt)
+        if engine_input is not None:
+            return engine_input
+        # BaseRenderer's, not HfRenderer's: the latter exists only for built-in prompt_embeds.
+        return BaseRenderer._process_tokens(
+            cast(BaseRenderer, self), prompt, skip_mm_cache=skip_mm_cache
+        )
+
+    async def _process_tokens_async(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        engine_input = self._embeds_or_none(prompt)
+        if engine_input is not None:
+            return engine_input
+        return await BaseRenderer._process_tokens_async(
+            cast(BaseRenderer, self), prompt, skip_mm_cache=skip_mm_cache
+        )

@@ -17,26 +17,29 @@ ENV_MAX_REQUEST_BYTES: Final = "CHAT_EMBEDS_MAX_REQUEST_BYTES"
 ENV_DROPPED_PARTS: Final = "CHAT_EMBEDS_DROPPED_PARTS"
 ENV_ENCODINGS: Final = "CHAT_EMBEDS_ENCODINGS"
 ENV_COMPACT: Final = "CHAT_EMBEDS_COMPACT"
+ENV_DECODE_POOL_BYTES: Final = "CHAT_EMBEDS_DECODE_POOL_BYTES"
 ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
 
 DEFAULT_MAX_PARTS: Final = 64
 DEFAULT_MAX_ROWS: Final = 32768
 DEFAULT_MAX_PART_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES: Final = 512 * 1024 * 1024
+DEFAULT_DECODE_POOL_BYTES: Final = 256 * 1024 * 1024
 
 DroppedPolicy = Literal["error", "warn"]
 
 
-def _int_env(name: str, default: int) -> int:
+def _int_env(name: str, default: int, *, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
+    kind = "positive" if minimum == 1 else "non-negative"
     try:
         value = int(raw)
     except ValueError as exc:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}") from exc
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+        raise ValueError(f"{name} must be a {kind} integer, got {raw!r}") from exc
+    if value < minimum:
+        raise ValueError(f"{name} must be a {kind} integer, got {raw!r}")
     return value
 
 
@@ -49,6 +52,7 @@ class Limits:
     dropped_parts: DroppedPolicy = "error"
     encodings: frozenset[str] = frozenset(ALL_ENCODINGS)
     compact: bool = True  # send embedding rows only (False: dense, as the built-in)
+    decode_pool_bytes: int = DEFAULT_DECODE_POOL_BYTES  # reused decode buffers; 0: none
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -63,6 +67,7 @@ class Limits:
             dropped_parts=policy,  # type: ignore[arg-type]
             encodings=_encodings_env(),
             compact=os.environ.get(ENV_COMPACT, "1").strip().lower() not in ("0", "false", "no"),
+            decode_pool_bytes=_int_env(ENV_DECODE_POOL_BYTES, DEFAULT_DECODE_POOL_BYTES, minimum=0),
         )
 
 

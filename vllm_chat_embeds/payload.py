@@ -25,6 +25,7 @@ import pybase64
 import torch
 
 from . import errors
+from .decode_buffers import decode_into_pool, decoded_size, pooled_empty
 from .errors import reject
 from .limits import ALL_ENCODINGS as ENCODINGS
 
@@ -53,21 +54,34 @@ class PayloadSpec:
     encodings: frozenset[str] = frozenset(ENCODINGS)  # those the operator allows
 
 
-def _decode_base64(data: str, where: str, spec: PayloadSpec) -> bytearray:
+def _decode_base64(
+    data: str, where: str, spec: PayloadSpec, *, pooled: bool = False
+) -> bytearray | memoryview:
+    """Decode to a writable buffer, so raw and safetensors payloads are viewed without a copy.
+
+    ``pooled``: large payloads go to a reused buffer (``decode_buffers``), for callers that
+    build the tensor over the buffer itself.
+    """
     # The decoded size is known from the text length: refuse before decoding anything.
     approx = (len(data) // 4) * 3
     if approx > spec.max_part_bytes + _BASE64_SLACK:
         reject(errors.TOO_MANY_BYTES, where=where, size=approx, limit=spec.max_part_bytes)
+    exact = decoded_size(data) if pooled else None
+    raw: bytearray | memoryview | None = None
     try:
-        # A writable buffer, so raw and safetensors payloads can be viewed without a copy.
         if not data.isascii():
             raise UnicodeEncodeError("ascii", data, 0, 1, "non-ASCII")
-        raw = pybase64.b64decode_as_bytearray(data, validate=True)  # no copy of the text
+        if exact is not None:
+            raw = decode_into_pool(data, exact)
+        if raw is None:
+            raw = pybase64.b64decode_as_bytearray(data, validate=True)  # no copy of the text
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         reason = "non-ASCII characters" if isinstance(exc, UnicodeEncodeError) else str(exc)
         reject(errors.NOT_BASE64, where=where, reason=reason)
     if not raw:
         reject(errors.DATA_EMPTY, where=where)
+    if exact is not None and len(raw) != exact:  # padding inside the text
+        reject(errors.NOT_BASE64, where=where, reason=f"decoded to {len(raw)} bytes")
     return raw
 
 
@@ -76,7 +90,7 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _load_tensor(raw: bytearray, where: str) -> object:
+def _load_tensor(raw: bytearray | memoryview, where: str) -> object:
     try:
         return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except (MemoryError, torch.OutOfMemoryError):
@@ -123,7 +137,9 @@ def validate_tensor(value: object, where: str, spec: PayloadSpec) -> torch.Tenso
         reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    tensor = tensor.to(spec.dtype).contiguous()
+    if tensor.dtype != spec.dtype or not tensor.is_contiguous():
+        out = pooled_empty((rows, width), spec.dtype)
+        tensor = tensor.to(spec.dtype).contiguous() if out is None else out.copy_(tensor)
     if not _all_finite(tensor):
         reject(errors.NOT_FINITE, where=where)
     return tensor
@@ -179,7 +195,7 @@ def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: 
             expected=expected,
             nbytes=nbytes,
         )
-    buffer = _decode_base64(data, where, spec)
+    buffer = _decode_base64(data, where, spec, pooled=True)
     if len(buffer) != nbytes:  # e.g. a padding character where data was expected
         reject(errors.NOT_BASE64, where=where, reason=f"decoded to {len(buffer)} bytes")
     flat = torch.frombuffer(buffer, dtype=torch_dtype)
@@ -187,7 +203,7 @@ def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: 
 
 
 def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
-    buffer = _decode_base64(data, where, spec)
+    buffer = _decode_base64(data, where, spec, pooled=True)
 
     def bad(reason: str) -> None:
         reject(errors.SAFETENSORS_BAD, where=where, reason=reason)

@@ -99,8 +99,8 @@ SPANS_CUT: Final = (
     "{expected}; truncation (truncate_prompt_tokens) would cut a prompt_embeds part."
 )
 WITH_MULTIMODAL: Final = (
-    "prompt_embeds parts in the same request as image, audio or video parts are not "
-    "supported by vllm-chat-embeds yet."
+    "prompt_embeds parts in the same request as {modalities} parts are not supported by "
+    "vllm-chat-embeds yet (image parts are)."
 )
 MODE_UNSUPPORTED: Final = (
     "{where}: prompt_embeds parts are not supported with tokenizer mode {mode!r} yet "

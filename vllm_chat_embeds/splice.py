@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, cast
 
 import torch
-from vllm.inputs.engine import EmbedsInput, embeds_input
+from vllm.config.multimodal import MMHasherAlgorithm
+from vllm.inputs.engine import EmbedsInput, MultiModalInput, embeds_input
+from vllm.multimodal.hasher import MultiModalHasher
+from vllm.multimodal.inputs import (
+    MultiModalFieldElem,
+    MultiModalKwargsItem,
+    MultiModalSharedField,
+    PlaceholderRange,
+)
 
 from . import errors
 from .errors import reject
@@ -24,6 +32,9 @@ from .patches.entrypoints_serve_tokenize_serving import note_embeds_rows
 from .placeholder import PLACEHOLDER_TOKEN
 
 EMBED_ROW_TOKEN_ID: Final = 0
+# vLLM's passthrough modality for ready embedding rows, and the key its runners read them from.
+EMBEDS_MODALITY: Final = "prompt_embeds"
+EMBEDS_ITEM_KEY: Final = "embedding"
 
 
 def expand_markers(
@@ -60,6 +71,27 @@ def expand_markers(
     return expanded, spans
 
 
+def locate_spans(
+    ids: torch.Tensor, spans: Sequence[torch.Tensor], placeholder_id: int
+) -> tuple[torch.Tensor, list[int]]:
+    """The placeholder positions in ``ids`` (vectorised) and the first position of each span.
+
+    A 400 unless the placeholders form exactly one whole run per part, in order.
+    """
+    positions = torch.nonzero(ids == placeholder_id).flatten()
+    lengths = torch.tensor([int(t.shape[0]) for t in spans], dtype=torch.long)
+    expected = int(lengths.sum()) if len(spans) else 0
+    if positions.numel() != expected or not spans:
+        reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
+    # Positions ascend, so a span is contiguous iff its last and first positions differ by its
+    # length minus one.
+    starts = torch.cumsum(lengths, 0) - lengths
+    ends = starts + lengths - 1
+    if not bool(torch.all(positions[ends] - positions[starts] == lengths - 1)):
+        reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
+    return positions, positions[starts].tolist()
+
+
 def build_embeds_input(
     token_ids: Sequence[int],
     spans: Sequence[torch.Tensor],
@@ -76,17 +108,7 @@ def build_embeds_input(
     zeros at token positions, as vLLM's built-in sends.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long)
-    positions = torch.nonzero(ids == placeholder_id).flatten()
-    lengths = torch.tensor([int(t.shape[0]) for t in spans], dtype=torch.long)
-    expected = int(lengths.sum()) if len(spans) else 0
-    if positions.numel() != expected or not spans:
-        reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
-    # Positions ascend, so a span is contiguous iff its last and first positions differ by its
-    # length minus one.
-    starts = torch.cumsum(lengths, 0) - lengths
-    ends = starts + lengths - 1
-    if not bool(torch.all(positions[ends] - positions[starts] == lengths - 1)):
-        reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
+    positions, _ = locate_spans(ids, spans, placeholder_id)
     rows = torch.cat(list(spans)) if len(spans) > 1 else spans[0]
     is_token = torch.ones(len(ids), dtype=torch.bool)
     is_token[positions] = False
@@ -106,3 +128,40 @@ def build_embeds_input(
         is_token_ids=is_token.tolist(),
         cache_salt=cache_salt,
     )
+
+
+def add_embeds_items(
+    engine_input: MultiModalInput,
+    spans: Sequence[torch.Tensor],
+    placeholder_id: int,
+    *,
+    hasher: MMHasherAlgorithm,
+) -> MultiModalInput:
+    """Attach the parts to a multimodal engine input (images) as rows-only passthrough items.
+
+    Why this way: vLLM's engine input is either multimodal or embeds, never both, and its
+    multimodal path already splices a ready tensor at a placeholder range without running an
+    encoder (modality ``prompt_embeds``; the V1 and V2 runners both know it). Each part becomes
+    one item holding only its rows, so this path is compact by construction. The spans are
+    located after the image processor ran, since it expands each image token in place.
+    """
+    ids = torch.as_tensor(engine_input["prompt_token_ids"], dtype=torch.long)
+    positions, starts = locate_spans(ids, spans, placeholder_id)
+    items: list[MultiModalKwargsItem] = []
+    hashes: list[str] = []
+    ranges: list[PlaceholderRange] = []
+    for rows, start in zip(spans, starts, strict=True):
+        field = MultiModalSharedField(batch_size=1)
+        items.append(MultiModalKwargsItem({EMBEDS_ITEM_KEY: MultiModalFieldElem(rows, field)}))
+        # The encoder cache and prefix caching key on this: same rows, same key.
+        hashes.append(MultiModalHasher.hash_kwargs(hasher, **{EMBEDS_MODALITY: rows}))
+        ranges.append(PlaceholderRange(offset=start, length=int(rows.shape[0])))
+    is_token = torch.ones(len(ids), dtype=torch.bool)
+    is_token[positions] = False
+    ids[positions] = EMBED_ROW_TOKEN_ID  # never looked up: the rows replace these embeddings
+    note_embeds_rows(is_token)
+    engine_input["prompt_token_ids"] = ids.tolist()
+    cast(dict, engine_input["mm_kwargs"])[EMBEDS_MODALITY] = items
+    engine_input["mm_hashes"] = {**engine_input["mm_hashes"], EMBEDS_MODALITY: hashes}
+    cast(dict, engine_input["mm_placeholders"])[EMBEDS_MODALITY] = ranges
+    return engine_input

@@ -1,7 +1,8 @@
 """Patch of ``vllm/v1/engine/logprobs.py``: no prompt logprobs for rows given as embeddings.
 
 What: ``LogprobsProcessor`` remembers which prompt positions of a request came as embeddings
-(``EngineCoreRequest.prompt_is_token_ids``) and reports ``None`` at those positions, as vLLM
+(``EngineCoreRequest.prompt_is_token_ids``, or beside images the ranges of its
+``prompt_embeds`` multimodal items) and reports ``None`` at those positions, as vLLM
 already does for position 0. Why: such a row has no token, so a log-probability "of the token"
 there would be a made-up number. When it can go: when vLLM itself masks prompt logprobs of
 embeds prompts (not the case in 0.32).
@@ -21,10 +22,15 @@ _EMBED_POSITIONS = "_vllm_chat_embeds_embed_positions"
 
 def _embed_positions(request: Any) -> frozenset[int] | None:
     mask = getattr(request, "prompt_is_token_ids", None)
-    if mask is None:
-        return None
-    positions = frozenset(i for i, is_token in enumerate(mask) if not is_token)
-    return positions or None
+    positions: set[int] = set()
+    if mask is not None:
+        positions.update(i for i, is_token in enumerate(mask) if not is_token)
+    # Beside images, parts ride as multimodal items of vLLM's "prompt_embeds" modality.
+    for feature in getattr(request, "mm_features", None) or ():
+        if feature.modality == "prompt_embeds":
+            start = feature.mm_position.offset
+            positions.update(range(start, start + feature.mm_position.length))
+    return frozenset(positions) or None
 
 
 def apply(patch: Patch) -> None:

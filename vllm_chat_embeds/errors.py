@@ -102,6 +102,14 @@ WITH_MULTIMODAL: Final = (
     "prompt_embeds parts in the same request as {modalities} parts are not supported by "
     "vllm-chat-embeds yet (image parts are)."
 )
+RESPONSES_ROLE: Final = (
+    "{where}: /v1/responses takes prompt_embeds parts in user, system and developer messages "
+    "only; this message's role is {role!r}."
+)
+RESPONSES_HARMONY: Final = (
+    "{where}: prompt_embeds parts on /v1/responses are not supported for Harmony (gpt-oss) "
+    "models yet."
+)
 MODE_UNSUPPORTED: Final = (
     "{where}: prompt_embeds parts are not supported with tokenizer mode {mode!r} yet "
     "(vllm-chat-embeds supports the 'hf' mode, i.e. Hugging Face chat templates)."
@@ -127,6 +135,14 @@ UNSUPPORTED_VLLM: Final = (
 )
 
 
-def reject(template: str, parameter: str = "messages", **fields: object) -> NoReturn:
-    """Raise the 400 error vLLM's entrypoints turn into a JSON error response."""
+def reject(template: str, parameter: str | None = None, **fields: object) -> NoReturn:
+    """Raise the 400 error vLLM's entrypoints turn into a JSON error response.
+
+    The parameter is the request field the part sits in: ``input`` for a part located in a
+    /v1/responses input, ``messages`` otherwise, unless the caller names another.
+    """
+    if parameter is None:
+        where = fields.get("where")
+        from_input = isinstance(where, str) and where.startswith("input[")
+        parameter = "input" if from_input else "messages"
     raise VLLMValidationError(template.format(**fields), parameter=parameter)

@@ -77,6 +77,25 @@ def is_embeds_part(part: object) -> bool:
     return isinstance(part, Mapping) and part.get("type") == PART_TYPE
 
 
+class LocatedPart(dict[str, Any]):
+    """A prompt_embeds part that knows where the client put it (e.g. ``input[2].content[1]``).
+
+    Why: entry points other than chat completions (``/v1/responses``) turn their request into
+    chat messages, so a part's index among those messages is not where the client sent it.
+    Errors name ``where`` instead; the part is otherwise the plain dict the client sent.
+    """
+
+    __slots__ = ("where",)
+
+    def __init__(self, part: Mapping[str, Any], where: str) -> None:
+        super().__init__(part)
+        self.where = where
+
+
+def _where(part: object, default: str) -> str:
+    return part.where if isinstance(part, LocatedPart) else default
+
+
 def _iter_strings(value: object, path: str) -> Iterator[tuple[str, str]]:
     """Every string reachable from ``value`` except prompt_embeds payloads, with its path."""
     if isinstance(value, str):
@@ -130,7 +149,8 @@ def _located_parts(messages: Sequence[Any]) -> list[_Slot]:
             elif isinstance(value, list):
                 for p, part in enumerate(value):
                     if is_embeds_part(part):
-                        found.append(_Slot(m, key, p, f"messages[{m}].{key}[{p}]"))
+                        where = _where(part, f"messages[{m}].{key}[{p}]")
+                        found.append(_Slot(m, key, p, where))
     return found
 
 

@@ -71,6 +71,18 @@ MANIFEST: Final = (
         attributes=("ServingTokenization.create_tokenize",),
         why="/tokenize says which positions of a chat hold embeddings",
     ),
+    Patch(
+        name="entrypoints_openai_responses_protocol",
+        target="vllm.entrypoints.openai.responses.protocol",
+        attributes=("ResponsesRequest.input_item_parsing",),
+        why="/v1/responses input messages may hold prompt_embeds parts (schema widened)",
+    ),
+    Patch(
+        name="renderers_online_renderer",
+        target="vllm.renderers.online_renderer",
+        attributes=("OnlineRenderer._render_responses_with_harmony",),
+        why="Harmony models refuse /v1/responses parts instead of dropping them",
+    ),
 )
 
 _applied: set[str] = set()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..position_mask import RunMask
 from . import Patch, check
 
 
@@ -41,7 +42,13 @@ def apply(patch: Patch) -> None:
         rows = new_req_data.prompt_embeds
         mask = new_req_data.prompt_is_token_ids
         if rows is not None and mask is not None and rows.shape[0] != len(mask):
-            new_req_data = replace(new_req_data, prompt_embeds=densify(rows, mask))
+            # The V2 state copies the mask to the device from a list, as vLLM sends it.
+            dense_mask = mask.tolist() if isinstance(mask, RunMask) else mask
+            new_req_data = replace(
+                new_req_data,
+                prompt_embeds=densify(rows, dense_mask),
+                prompt_is_token_ids=dense_mask,
+            )
         original(self, req_index, new_req_data)
 
     cls.add_request = add_request  # type: ignore[method-assign]

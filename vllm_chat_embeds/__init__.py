@@ -10,13 +10,18 @@ from typing import Final
 
 __version__: Final = "0.1.0"
 
-RENDERER_MODES: Final = ("hf",)
+# Tokenizer mode -> (our module, our renderer class) serving prompt_embeds parts in that mode.
+RENDERERS: Final = {
+    "hf": ("renderer", "ChatEmbedsHfRenderer"),
+    "mistral": ("mistral_renderer", "ChatEmbedsMistralRenderer"),
+}
+RENDERER_MODES: Final = tuple(RENDERERS)
 
 _registered = False
 
 
 def register() -> None:
-    """Check the vLLM version, then route Hugging Face chat rendering through our renderer.
+    """Check the vLLM version, then route chat rendering of the served modes through ours.
 
     Cheap and idempotent: vLLM calls it in the API server, the engine core and every worker.
     """
@@ -39,8 +44,8 @@ def register() -> None:
     # Registry entries are set directly: RENDERER_REGISTRY.register() would log a warning in
     # every process that reads as if something went wrong.
     take_over(RENDERER_REGISTRY.renderers)
-    for mode in RENDERER_MODES:
-        RENDERER_REGISTRY.renderers[mode] = (f"{__name__}.renderer", "ChatEmbedsHfRenderer")
+    for mode, (module, class_name) in RENDERERS.items():
+        RENDERER_REGISTRY.renderers[mode] = (f"{__name__}.{module}", class_name)
     _registered = True
     announce()
 

@@ -94,6 +94,10 @@ MARKER_MANGLED: Final = (
     "The chat template altered the position marker of a prompt_embeds part, so its place "
     "in the prompt cannot be determined safely."
 )
+MARKER_MERGED: Final = (
+    "{where}: the tokenizer merged the position marker of this prompt_embeds part with the "
+    "text around it, so its place in the prompt cannot be determined safely."
+)
 SPANS_CUT: Final = (
     "The tokenized prompt holds {found} prompt_embeds positions but the parts need "
     "{expected}; truncation (truncate_prompt_tokens) would cut a prompt_embeds part."
@@ -112,7 +116,7 @@ RESPONSES_HARMONY: Final = (
 )
 MODE_UNSUPPORTED: Final = (
     "{where}: prompt_embeds parts are not supported with tokenizer mode {mode!r} yet "
-    "(vllm-chat-embeds supports the 'hf' mode, i.e. Hugging Face chat templates)."
+    "(vllm-chat-embeds supports the 'hf' and 'mistral' modes)."
 )
 PLACEHOLDER_IN_TOKEN_IDS: Final = (
     "Token id {token_id} is the reserved prompt_embeds placeholder and cannot be sent as a "

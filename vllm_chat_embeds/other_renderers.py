@@ -1,12 +1,12 @@
 """Tokenizer modes whose chat renderer does not support prompt_embeds parts yet.
 
-Extends ``vllm/renderers/registry.py``. Why: vLLM 0.32's other renderers (mistral, DeepSeek,
-Kimi, Cohere, Inkling, kimi_audio, terratorch) answer a prompt_embeds part with an unrelated
-error ("not a valid ChunkTypes", "Multi-modal processor not available", ...) or pass it to a
-multimodal path. Here each is registered as a subclass that refuses such a part up front with
-a 400 naming the tokenizer mode, and otherwise behaves exactly like vLLM's class. Classes are
-built on first use (module ``__getattr__``), so a mode whose optional dependencies are missing
-costs nothing until it is used.
+Extends ``vllm/renderers/registry.py``. Why: vLLM 0.32's other renderers (DeepSeek, Kimi,
+Cohere, Inkling, kimi_audio, terratorch) answer a prompt_embeds part with an unrelated error
+("Multi-modal processor not available", ...) or pass it to a multimodal path. Here each is
+registered as a subclass that refuses such a part up front with a 400 naming the tokenizer
+mode, and otherwise behaves exactly like vLLM's class. Classes are built on first use
+(module ``__getattr__``), so a mode whose optional dependencies are missing costs nothing
+until it is used.
 """
 
 from __future__ import annotations
@@ -52,10 +52,12 @@ _ORIGINS: dict[str, tuple[str, str]] = {}
 
 
 def take_over(renderers: dict[str, tuple[str, str]]) -> list[str]:
-    """Point every mode except ``hf`` (ours already) at a refusing subclass; return the modes."""
+    """Point every mode we do not serve at a refusing subclass; return those modes."""
+    from . import RENDERER_MODES
+
     modes = []
     for mode, (module, class_name) in list(renderers.items()):
-        if mode == "hf" or module == __name__ or module.startswith("vllm_chat_embeds"):
+        if mode in RENDERER_MODES or module.startswith("vllm_chat_embeds"):
             continue
         ours = f"{PREFIX}{class_name}__{mode}"
         _ORIGINS[ours] = (module, class_name)

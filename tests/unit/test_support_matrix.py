@@ -24,9 +24,12 @@ def test_matrix_matches_the_registry():
     vllm_chat_embeds.register()
     documented = documented_modes()
     assert set(documented) == set(RENDERER_REGISTRY.renderers)
+    served = {mode for mode, status in documented.items() if status == "served"}
+    assert served == set(vllm_chat_embeds.RENDERER_MODES)
     for mode, (module, class_name) in RENDERER_REGISTRY.renderers.items():
         if documented[mode] == "served":
-            assert class_name == "ChatEmbedsHfRenderer", mode
+            ours_module, ours_class = vllm_chat_embeds.RENDERERS[mode]
+            assert (module, class_name) == (f"vllm_chat_embeds.{ours_module}", ours_class), mode
         else:
             assert module == "vllm_chat_embeds.other_renderers", mode
             assert class_name.startswith("Refusing"), mode

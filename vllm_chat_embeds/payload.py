@@ -153,16 +153,32 @@ def _little_endian(tensor: torch.Tensor) -> torch.Tensor:
     return swapped.contiguous().view(tensor.dtype).view(tensor.shape)
 
 
-def _raw_shape(shape: object, where: str, spec: PayloadSpec) -> tuple[int, int]:
+def _declared_shape(
+    shape: object, where: str, spec: PayloadSpec, *, in_header: bool = False
+) -> tuple[int, int]:
+    """Check a declared shape: the part's ``shape`` field, or (``in_header``) a safetensors
+    header's, whose problems are the file's and so are reported against ``data``."""
+
+    def malformed(got: object) -> None:
+        if in_header:
+            reject(
+                errors.SAFETENSORS_BAD,
+                where=where,
+                reason=f"shape {got!r} is not a list of positive integers",
+            )
+        reject(errors.RAW_BAD_SHAPE, where=where, width=spec.width, got=got)
+
     if not isinstance(shape, list | tuple) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
-        reject(errors.RAW_BAD_SHAPE, where=where, width=spec.width, got=repr(shape))
-    if len(shape) != 2:
-        reject(errors.BAD_NDIM, where=where, width=spec.width, shape=list(shape))
-    rows, width = shape
+        malformed(repr(shape))
+    if len(shape) != 2:  # type: ignore[arg-type]
+        if in_header:
+            reject(errors.BAD_NDIM, where=where, width=spec.width, shape=list(shape))  # type: ignore[arg-type]
+        malformed(list(shape))  # type: ignore[arg-type]
+    rows, width = shape  # type: ignore[misc]
     if rows < 0 or width <= 0:
-        reject(errors.RAW_BAD_SHAPE, where=where, width=spec.width, got=list(shape))
+        malformed(list(shape))  # type: ignore[arg-type]
     if width != spec.width:
         reject(errors.BAD_WIDTH, where=where, got=width, width=spec.width)
     if rows == 0:
@@ -180,7 +196,7 @@ def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: 
     if not isinstance(dtype, str) or dtype not in RAW_DTYPES:  # a JSON list is unhashable
         reject(errors.RAW_BAD_DTYPE, where=where, got=repr(dtype))
     torch_dtype = RAW_DTYPES[dtype]  # type: ignore[index]
-    rows, width = _raw_shape(shape, where, spec)
+    rows, width = _declared_shape(shape, where, spec)
     nbytes = rows * width * torch_dtype.itemsize
     if nbytes > spec.max_part_bytes:
         reject(errors.TOO_MANY_BYTES, where=where, size=nbytes, limit=spec.max_part_bytes)
@@ -230,18 +246,25 @@ def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
     if dtype is None:
         reject(errors.BAD_DTYPE, where=where, dtype=str(info.get("dtype")))
     shape = info.get("shape")
-    rows, width = _raw_shape(shape, where, spec)
+    rows, width = _declared_shape(shape, where, spec, in_header=True)
     offsets = info.get("data_offsets")
     body = len(buffer) - 8 - header_len
+    nbytes = rows * width * dtype.itemsize  # type: ignore[union-attr]
+    # The format's rule: the data section is exactly the tensors' bytes, no holes, nothing
+    # after, so one file cannot also be read as something else.
     if (
         not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1] <= body
-        or offsets[1] - offsets[0] != rows * width * dtype.itemsize  # type: ignore[union-attr]
+        or [type(o) for o in offsets] != [int, int]
+        or offsets != [0, nbytes]
     ):
         bad(f"data_offsets {offsets!r} do not match shape {shape} and {info.get('dtype')}")
-    start = 8 + header_len + offsets[0]
+    if body != nbytes:
+        bad(
+            f"{body - nbytes} bytes after the tensor data"
+            if body > nbytes
+            else f"data cut short: {body} of {nbytes} bytes"
+        )
+    start = 8 + header_len
     count = rows * width
     flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start)  # type: ignore[arg-type]
     return _little_endian(flat).view(rows, width)

@@ -305,8 +305,8 @@ def test_raw_rows_over_remaining_budget_names_request_limit() -> None:
 
 @pytest.mark.parametrize("shape", [[WIDTH], [1, 2, WIDTH], [], [1, 1, 1, WIDTH]])
 def test_raw_wrong_number_of_dims(shape: list[int]) -> None:
-    assert rejected(**raw(shape=shape)) == errors.BAD_NDIM.format(
-        where=WHERE, width=WIDTH, shape=shape
+    assert rejected(**raw(shape=shape)) == errors.RAW_BAD_SHAPE.format(
+        where=WHERE, width=WIDTH, got=shape
     )
 
 
@@ -434,7 +434,7 @@ def test_safetensors_metadata_is_ignored() -> None:
 @pytest.mark.parametrize("cut", [1, 4, 63])
 def test_safetensors_truncated_body(cut: int) -> None:
     message = st_rejected(valid_st()[:-cut])
-    assert message == st_bad("data_offsets [0, 64] do not match shape [2, 8] and F32")
+    assert message == st_bad(f"data cut short: {64 - cut} of 64 bytes")
 
 
 @pytest.mark.parametrize("keep", [1, 7])
@@ -529,8 +529,8 @@ def test_safetensors_wrong_width_zero_rows_and_too_many_rows() -> None:
     huge = st_file({"e": entry([2**62, WIDTH], offsets=[0, 64])}, bytes(64))
     assert st_rejected(huge) == errors.TOO_MANY_ROWS.format(where=WHERE, limit=MAX_ROWS)
     negative = st_file({"e": entry([-2, WIDTH], offsets=[0, 64])}, bytes(64))
-    assert st_rejected(negative) == errors.RAW_BAD_SHAPE.format(
-        where=WHERE, width=WIDTH, got=[-2, WIDTH]
+    assert st_rejected(negative) == st_bad(
+        f"shape [-2, {WIDTH}] is not a list of positive integers"
     )
 
 
@@ -549,13 +549,26 @@ def test_safetensors_float64_is_cast_to_the_model_dtype() -> None:
     assert out.dtype == torch.float32 and torch.equal(out, SOURCE)
 
 
-@pytest.mark.parametrize("skew", range(4))
-def test_safetensors_data_at_an_unaligned_offset_still_decodes(skew: int) -> None:
-    """Hand-made files may place the data anywhere; the values read must still be right."""
-    header = {"e": entry([5, WIDTH], offsets=[skew, skew + 160])}
-    text = json.dumps(header).encode() + b" " * skew
-    file = st_file(None, bytes(skew) + raw_bytes(SOURCE) + bytes(3), text=text)
+@pytest.mark.parametrize("pad", range(4))
+def test_safetensors_header_padding_decodes(pad: int) -> None:
+    """Writers pad the header with spaces (to align the data); that is part of the format."""
+    text = json.dumps({"e": entry([5, WIDTH])}).encode() + b" " * pad
+    file = st_file(None, raw_bytes(SOURCE), text=text)
     assert torch.equal(decode_payload(b64(file), WHERE, SPEC, encoding="safetensors"), SOURCE)
+
+
+@pytest.mark.parametrize("skew", [1, 3])
+def test_safetensors_holes_and_trailing_bytes_are_refused(skew: int) -> None:
+    """The data section must be exactly the tensor: no hole before it, nothing after it."""
+    offsets = [skew, skew + 160]
+    hole = st_file({"e": entry([5, WIDTH], offsets=offsets)}, bytes(skew) + raw_bytes(SOURCE))
+    assert st_rejected(hole) == st_bad(
+        f"data_offsets {offsets!r} do not match shape [5, 8] and F32"
+    )
+    trailing = st_file({"e": entry([5, WIDTH])}, raw_bytes(SOURCE) + bytes(skew))
+    assert st_rejected(trailing) == st_bad(f"{skew} bytes after the tensor data")
+    short = st_file({"e": entry([5, WIDTH])}, raw_bytes(SOURCE)[:-skew])
+    assert st_rejected(short) == st_bad(f"data cut short: {160 - skew} of 160 bytes")
 
 
 def raw_bytes(tensor: torch.Tensor) -> bytes:

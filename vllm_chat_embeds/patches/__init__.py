@@ -39,6 +39,12 @@ MANIFEST: Final = (
         why="compact transport: validate embeds inputs that carry only their rows",
     ),
     Patch(
+        name="v1_request",
+        target="vllm.v1.request",
+        attributes=("Request.__init__",),
+        why="compact transport: the engine keeps a compact request's mask as runs",
+    ),
+    Patch(
         name="v1_core_kv_cache_utils",
         target="vllm.v1.core.kv_cache_utils",
         attributes=("_gen_prompt_embeds_extra_hash_keys",),

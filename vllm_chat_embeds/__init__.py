@@ -14,6 +14,13 @@ __version__: Final = "0.1.0"
 RENDERERS: Final = {
     "hf": ("renderer", "ChatEmbedsHfRenderer"),
     "mistral": ("mistral_renderer", "ChatEmbedsMistralRenderer"),
+    # vLLM's other renderers, each wrapped by the one generic mixin (``generic_renderer``).
+    "deepseek_v32": ("generic_renderer", "ChatEmbedsDeepseekV32Renderer"),
+    "deepseek_v4": ("generic_renderer", "ChatEmbedsDeepseekV4Renderer"),
+    "deepseek_v41": ("generic_renderer", "ChatEmbedsDeepseekV4Renderer"),
+    "kimi_k3": ("generic_renderer", "ChatEmbedsKimiK3Renderer"),
+    "cohere": ("generic_renderer", "ChatEmbedsCohereRenderer"),
+    "inkling": ("generic_renderer", "ChatEmbedsInklingRenderer"),
 }
 RENDERER_MODES: Final = tuple(RENDERERS)
 

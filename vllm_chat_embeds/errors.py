@@ -116,7 +116,7 @@ RESPONSES_HARMONY: Final = (
 )
 MODE_UNSUPPORTED: Final = (
     "{where}: prompt_embeds parts are not supported with tokenizer mode {mode!r} yet "
-    "(vllm-chat-embeds supports the 'hf' and 'mistral' modes)."
+    "(vllm-chat-embeds's support matrix lists the modes it serves)."
 )
 PLACEHOLDER_IN_TOKEN_IDS: Final = (
     "Token id {token_id} is the reserved prompt_embeds placeholder and cannot be sent as a "

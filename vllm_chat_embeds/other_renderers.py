@@ -1,8 +1,9 @@
 """Tokenizer modes whose chat renderer does not support prompt_embeds parts yet.
 
-Extends ``vllm/renderers/registry.py``. Why: vLLM 0.32's other renderers (DeepSeek, Kimi,
-Cohere, Inkling, kimi_audio, terratorch) answer a prompt_embeds part with an unrelated error
-("Multi-modal processor not available", ...) or pass it to a multimodal path. Here each is
+Extends ``vllm/renderers/registry.py``. Why: the renderers of vLLM 0.32 that the plugin does
+not serve (today ``kimi_audio`` and ``terratorch``; ``generic_renderer`` serves DeepSeek, Kimi
+K3, Cohere and Inkling) answer a prompt_embeds part with an unrelated error or pass it to a
+multimodal path. Here each is
 registered as a subclass that refuses such a part up front with a 400 naming the tokenizer
 mode, and otherwise behaves exactly like vLLM's class. Classes are built on first use
 (module ``__getattr__``), so a mode whose optional dependencies are missing costs nothing

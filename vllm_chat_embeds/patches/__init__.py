@@ -89,6 +89,12 @@ MANIFEST: Final = (
         attributes=("OnlineRenderer._render_responses_with_harmony",),
         why="Harmony models refuse /v1/responses parts instead of dropping them",
     ),
+    Patch(
+        name="renderers_chat_utils",
+        target="vllm.renderers.chat_utils",
+        attributes=("_reject_reserved_placeholder_in_text",),
+        why="the generic renderer's bounded part markers pass vLLM's reserved-text check",
+    ),
 )
 
 _applied: set[str] = set()

@@ -123,6 +123,18 @@ def test_placeholder_in_client_text_is_refused(renderers_model, rows_table, mode
     )
 
 
+def test_parts_need_the_flag(renderers_model, rows_table):
+    vllm_chat_embeds.register()
+    config = ModelConfig(str(renderers_model), tokenizer_mode="kimi_k3", dtype="float32")
+    renderer = renderer_from_config(VllmConfig(model_config=config))
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, rows_table.part(" x")]}
+    ]
+    with pytest.raises(VLLMValidationError) as info:
+        renderer.render_messages(messages, ChatParams())
+    assert info.value.args[0] == errors.NOT_ENABLED.format(where="messages[0].content[1]")
+
+
 def test_vllm_check_lets_only_bounded_markers_through(renderers_model):
     """The ``renderers_chat_utils`` patch: our bounded markers pass, any other placeholder not."""
     from vllm.renderers import chat_utils

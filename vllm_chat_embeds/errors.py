@@ -104,7 +104,7 @@ SPANS_CUT: Final = (
 )
 WITH_MULTIMODAL: Final = (
     "prompt_embeds parts in the same request as {modalities} parts are not supported by "
-    "vllm-chat-embeds yet (image parts are)."
+    "vllm-chat-embeds in tokenizer mode {mode!r} yet (docs/support-matrix.md lists what is)."
 )
 RESPONSES_ROLE: Final = (
     "{where}: /v1/responses takes prompt_embeds parts in user, system and developer messages "

@@ -124,7 +124,9 @@ class GenericEmbedsMixin(EmbedsRendererMixin):
         prompt = cast(dict[str, Any], prompt)
         if prompt.get("multi_modal_data"):
             reject(
-                errors.WITH_MULTIMODAL, modalities=", ".join(map(str, prompt["multi_modal_data"]))
+                errors.WITH_MULTIMODAL,
+                modalities=", ".join(map(str, prompt["multi_modal_data"])),
+                mode=cast(Any, self).model_config.tokenizer_mode,
             )
         dropped = self.limits.dropped_parts
         if "prompt_token_ids" in prompt:

@@ -56,7 +56,7 @@ class ChatEmbedsMistralRenderer(EmbedsRendererMixin, MistralRenderer):
         prompt = cast(dict[str, Any], parse_dec_only_prompt(rendered))
         if plan is not None:
             if mm_data:
-                reject(errors.WITH_MULTIMODAL)
+                reject(errors.WITH_MULTIMODAL, modalities=", ".join(mm_data), mode="mistral")
             if "prompt_token_ids" not in prompt:
                 raise RuntimeError("mistral_common rendered the chat to text, not token ids")
             tokenizer = self.get_tokenizer()

@@ -212,7 +212,7 @@ def _check_media(mm_data: Any) -> None:
     """Parts beside images are served; beside other media (untested), a 400 naming them."""
     others = sorted(str(m) for m in mm_data if m not in MEDIA_WITH_EMBEDS)
     if others:
-        reject(errors.WITH_MULTIMODAL, modalities=", ".join(others))
+        reject(errors.WITH_MULTIMODAL, modalities=", ".join(others), mode="hf")
 
 
 def _media_spans(prompt: Any) -> list[Any] | None:

@@ -199,6 +199,6 @@ def test_other_media_beside_parts_are_refused_by_name():
     from vllm_chat_embeds.renderer import _check_media
 
     _check_media({"image": [object()]})
-    message = errors.WITH_MULTIMODAL.format(modalities="audio, video")
+    message = errors.WITH_MULTIMODAL.format(modalities="audio, video", mode="hf")
     with pytest.raises(VLLMValidationError, match=re.escape(message)):
         _check_media({"image": [object()], "audio": [object()], "video": [object()]})

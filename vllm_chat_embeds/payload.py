@@ -19,7 +19,7 @@ import json
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import pybase64
 import torch
@@ -55,25 +55,28 @@ class PayloadSpec:
 
 
 def _decode_base64(
-    data: str, where: str, spec: PayloadSpec, *, pooled: bool = False
-) -> bytearray | memoryview:
+    data: str, where: str, spec: PayloadSpec, *, pooled: bool = False, writable: bool = True
+) -> bytes | bytearray | memoryview:
     """Decode to a writable buffer, so raw and safetensors payloads are viewed without a copy.
 
     ``pooled``: large payloads go to a reused buffer (``decode_buffers``), for callers that
-    build the tensor over the buffer itself.
+    build the tensor over the buffer itself. ``writable=False``: plain ``bytes``, which
+    ``io.BytesIO`` reads in place (it copies a ``bytearray``), for ``torch.load``.
     """
     # The decoded size is known from the text length: refuse before decoding anything.
     approx = (len(data) // 4) * 3
     if approx > spec.max_part_bytes + _BASE64_SLACK:
         reject(errors.TOO_MANY_BYTES, where=where, size=approx, limit=spec.max_part_bytes)
     exact = decoded_size(data) if pooled else None
-    raw: bytearray | memoryview | None = None
+    raw: bytes | bytearray | memoryview | None = None
     try:
         if not data.isascii():
             raise UnicodeEncodeError("ascii", data, 0, 1, "non-ASCII")
         if exact is not None:
             raw = decode_into_pool(data, exact)
-        if raw is None:
+        if raw is None and not writable:
+            raw = pybase64.b64decode(data, validate=True)
+        elif raw is None:
             raw = pybase64.b64decode_as_bytearray(data, validate=True)  # no copy of the text
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
         reason = "non-ASCII characters" if isinstance(exc, UnicodeEncodeError) else str(exc)
@@ -90,7 +93,7 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _load_tensor(raw: bytearray | memoryview, where: str) -> object:
+def _load_tensor(raw: bytes, where: str) -> object:
     try:
         return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except (MemoryError, torch.OutOfMemoryError):
@@ -303,5 +306,5 @@ def decode_payload(
         return validate_tensor(_decode_raw(data, where, spec, dtype, shape), where, spec)
     if encoding == "safetensors":
         return validate_tensor(_decode_safetensors(data, where, spec), where, spec)
-    raw = _decode_base64(data, where, spec)
+    raw = cast(bytes, _decode_base64(data, where, spec, writable=False))
     return validate_tensor(_load_tensor(raw, where), where, spec)

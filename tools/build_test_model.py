@@ -175,15 +175,15 @@ def build_model(hf_tok: Any, args: argparse.Namespace) -> Any:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    heads = 4
+    heads = args.heads
     config = LlamaConfig(
         vocab_size=len(hf_tok),
         hidden_size=args.hidden,
-        intermediate_size=2 * args.hidden,
+        intermediate_size=args.intermediate or 2 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=heads,
-        num_key_value_heads=2,
-        head_dim=max(MIN_HEAD_DIM, args.hidden // heads),
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim or max(MIN_HEAD_DIM, args.hidden // heads),
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         bos_token_id=hf_tok.bos_token_id,
@@ -246,6 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--vocab", type=int, default=2000, help="target vocabulary size incl. specials"
     )
+    # Layer shape (defaults: 4 heads of hidden/4, 2 KV heads, MLP twice the width). Small values
+    # give a wide model with cheap layers, to measure what surrounds the model (benchmarks).
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    parser.add_argument("--kv-heads", type=int, default=2, help="KV heads (default 2)")
+    parser.add_argument("--head-dim", type=int, default=0, help="head size (default hidden/heads)")
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP size (default 2*hidden)")
     parser.add_argument(
         "--content-format",
         choices=("openai", "string"),
@@ -255,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.hidden % 4 or args.hidden < 8:
         parser.error("--hidden must be a multiple of 4 and >= 8")
+    if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads:
+        parser.error("--heads must be a positive multiple of --kv-heads")
     if args.vocab < 256 + len(SPECIAL_TOKENS):
         parser.error("--vocab must cover the 256 byte symbols plus the special tokens")
     return args
@@ -270,6 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         "layers": args.layers,
         "vocab": args.vocab,
         "content_format": args.content_format,
+        # Only non-default layer shapes enter the key, so existing builds stay valid.
+        **{
+            key: value
+            for key, value, default in (
+                ("heads", args.heads, 4),
+                ("kv_heads", args.kv_heads, 2),
+                ("head_dim", args.head_dim, 0),
+                ("intermediate", args.intermediate, 0),
+            )
+            if value != default
+        },
         "python": ".".join(map(str, sys.version_info[:3])),  # the corpus is this stdlib
     }
     from transformers.utils import logging as hf_logging

@@ -165,17 +165,6 @@ class GenericEmbedsMixin(EmbedsRendererMixin):
         )
         return self._finish(conversation, prompt, plan)
 
-    def validate_token_ids(self, token_ids: Any, *, parameter: str | None = None) -> None:
-        super().validate_token_ids(token_ids, parameter=parameter)  # type: ignore[misc]
-        # Our embeds inputs never reach here; a placeholder id here came from a client and
-        # would index past the model's embedding table.
-        if self.placeholder_id is not None and self.placeholder_id in token_ids:
-            reject(
-                errors.PLACEHOLDER_IN_TOKEN_IDS,
-                parameter=parameter or "prompt_token_ids",
-                token_id=self.placeholder_id,
-            )
-
 
 def wrap(base: type) -> type:
     """``base`` (a vLLM renderer class) serving prompt_embeds parts."""

@@ -33,6 +33,9 @@ from .render_common import SPANS_KEY, EmbedsRendererMixin
 
 
 class ChatEmbedsMistralRenderer(EmbedsRendererMixin, MistralRenderer):
+    # The placeholder is Tekken's <unk>, a real id of the vocabulary: clients may send it.
+    placeholder_reserved = False
+
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
         self.embeds_enabled = bool(getattr(config.model_config, "enable_prompt_embeds", False))

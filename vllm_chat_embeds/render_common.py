@@ -17,10 +17,12 @@ from typing import Any, Final, cast
 
 from vllm.renderers.base import BaseRenderer
 
+from . import errors
+from .errors import reject
 from .limits import Limits
 from .parts import EmbedsPlan, extract_parts, has_embeds_parts, reject_reserved_text
 from .payload import PayloadSpec
-from .splice import build_embeds_input
+from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input
 
 # Private key under which the part tensors ride on the prompt dict from rendering to
 # `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
@@ -34,6 +36,9 @@ class EmbedsRendererMixin:
     _executor: Any
     embeds_enabled: bool
     placeholder_id: int | None
+    # Whether the placeholder id is ours alone (an added token, maybe past the model's
+    # vocabulary), so token ids from clients must not hold it.
+    placeholder_reserved: bool = True
     limits: Limits
 
     @cached_property
@@ -101,3 +106,45 @@ class EmbedsRendererMixin:
         return await BaseRenderer._process_tokens_async(
             cast(BaseRenderer, self), prompt, skip_mm_cache=skip_mm_cache
         )
+
+    # -- embeds prompts and token ids from clients ---------------------------------------------
+
+    def _process_embeds(self, prompt: Any) -> Any:
+        """Embeds prompts given directly (``LLM.generate``): check the ids they carry.
+
+        vLLM validates ids of token prompts only; an embeds prompt whose ``prompt_token_ids``
+        hold an id past the vocabulary at a token position kills the engine. Ids at embedding
+        positions are never looked up as tokens: they are set to 0, as for our chat prompts.
+        """
+        engine_input = super()._process_embeds(prompt)  # type: ignore[misc]
+        ids = engine_input.get("prompt_token_ids")
+        if ids is None:
+            return engine_input
+        rows = int(engine_input["prompt_embeds"].shape[0])
+        if len(ids) != rows:
+            reject(errors.IDS_LENGTH, parameter="prompt_token_ids", ids=len(ids), rows=rows)
+        mask = engine_input.get("is_token_ids")
+        if mask is None:  # every row is an embedding; say so, so prompt logprobs are masked
+            mask = engine_input["is_token_ids"] = [False] * rows
+        elif len(mask) != rows:
+            reject(errors.MASK_LENGTH, parameter="prompt_is_token_ids", mask=len(mask), rows=rows)
+        token_ids = [i for i, is_token in zip(ids, mask, strict=True) if is_token]
+        BaseRenderer.validate_token_ids(
+            cast(BaseRenderer, self), token_ids, parameter="prompt_token_ids"
+        )
+        engine_input["prompt_token_ids"] = [
+            i if is_token else EMBED_ROW_TOKEN_ID for i, is_token in zip(ids, mask, strict=True)
+        ]
+        return engine_input
+
+    def validate_token_ids(self, token_ids: Any, *, parameter: str | None = None) -> None:
+        super().validate_token_ids(token_ids, parameter=parameter)  # type: ignore[misc]
+        # Our embeds inputs never reach here (vLLM validates ids of token inputs only), so a
+        # placeholder id here was sent by a client and would index past the embedding table.
+        reserved = self.placeholder_id if self.placeholder_reserved else None
+        if reserved is not None and reserved in token_ids:
+            reject(
+                errors.PLACEHOLDER_IN_TOKEN_IDS,
+                parameter=parameter or "prompt_token_ids",
+                token_id=self.placeholder_id,
+            )

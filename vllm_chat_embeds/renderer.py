@@ -37,7 +37,7 @@ from .limits import Limits
 from .parts import EmbedsPlan
 from .placeholder import with_placeholder_token
 from .render_common import SPANS_KEY, EmbedsRendererMixin
-from .splice import EMBED_ROW_TOKEN_ID, add_embeds_items, expand_markers
+from .splice import add_embeds_items, expand_markers
 
 # Media that may share a request with prompt_embeds parts (tested end to end on Idefics3).
 MEDIA_WITH_EMBEDS: Final = frozenset({"image"})
@@ -169,43 +169,6 @@ class ChatEmbedsHfRenderer(EmbedsRendererMixin, HfRenderer):
         return await loop.run_in_executor(
             self._executor, self._add_embeds_items, engine_input, spans
         )
-
-    def _process_embeds(self, prompt: Any) -> Any:
-        """Embeds prompts given directly (``LLM.generate``): check the ids they carry.
-
-        vLLM validates ids of token prompts only; an embeds prompt whose ``prompt_token_ids``
-        hold an id past the vocabulary at a token position kills the engine. Ids at embedding
-        positions are never looked up as tokens: they are set to 0, as for our chat prompts.
-        """
-        engine_input = super()._process_embeds(prompt)
-        ids = engine_input.get("prompt_token_ids")
-        if ids is None:
-            return engine_input
-        rows = int(engine_input["prompt_embeds"].shape[0])
-        if len(ids) != rows:
-            reject(errors.IDS_LENGTH, parameter="prompt_token_ids", ids=len(ids), rows=rows)
-        mask = engine_input.get("is_token_ids")
-        if mask is None:  # every row is an embedding; say so, so prompt logprobs are masked
-            mask = engine_input["is_token_ids"] = [False] * rows
-        elif len(mask) != rows:
-            reject(errors.MASK_LENGTH, parameter="prompt_is_token_ids", mask=len(mask), rows=rows)
-        token_ids = [i for i, is_token in zip(ids, mask, strict=True) if is_token]
-        BaseRenderer.validate_token_ids(self, token_ids, parameter="prompt_token_ids")
-        engine_input["prompt_token_ids"] = [
-            i if is_token else EMBED_ROW_TOKEN_ID for i, is_token in zip(ids, mask, strict=True)
-        ]
-        return engine_input
-
-    def validate_token_ids(self, token_ids: Any, *, parameter: str | None = None) -> None:
-        super().validate_token_ids(token_ids, parameter=parameter)
-        # Our embeds inputs never reach here (vLLM validates ids of token inputs only), so a
-        # placeholder id here was sent by a client and would index past the embedding table.
-        if self.placeholder_id is not None and self.placeholder_id in token_ids:
-            reject(
-                errors.PLACEHOLDER_IN_TOKEN_IDS,
-                parameter=parameter or "prompt_token_ids",
-                token_id=self.placeholder_id,
-            )
 
 
 def _check_media(mm_data: Any) -> None:

@@ -188,3 +188,24 @@ def test_renderer_alone_splices_parts_without_an_engine(mistral_model, tekken_ta
         a == b for i, (a, b) in enumerate(zip(ids, text_ids, strict=True)) if i not in embedded
     )
     assert "<|pe:" not in str(conversation)
+
+
+def test_prompt_logprobs_and_tokenize(mistral_server, tekken_table):
+    """Engine-side features are renderer-independent: check them in this mode too."""
+    case = CASES["several_parts"]
+    messages = render(case, tekken_table.part)
+    text = chat(mistral_server, as_text(case), prompt_logprobs=1)
+    embeds = chat(mistral_server, messages, prompt_logprobs=1)
+    ref, got = text["prompt_logprobs"], embeds["prompt_logprobs"]
+    assert len(ref) == len(got) == embeds["usage"]["prompt_tokens"]
+    embedded = {i for i, entry in enumerate(got) if entry is None} - {0}
+    rows = sum(len(tekken_table.rows(t)) for m in case for kind, t in m["content"] if kind == "e")
+    assert len(embedded) == rows
+    assert all(got[i] == ref[i] for i in range(1, len(got)) if i not in embedded)
+
+    body = {"model": mistral_server.model, "messages": messages}
+    tok = requests.post(mistral_server.base_url + "/tokenize", json=body, timeout=60).json()
+    assert tok["count"] == embeds["usage"]["prompt_tokens"]
+    spans = {s + i for s, length in tok["prompt_embeds_spans"] for i in range(length)}
+    assert spans == embedded
+    assert mistral_server.healthy()

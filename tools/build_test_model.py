@@ -21,6 +21,8 @@ from typing import Any
 from model_build import CHECKPOINT_FILES, build_once
 
 BUILDER = "build_test_model"
+DEFAULT_HEADS = 4
+DEFAULT_KV_HEADS = 2
 BUILDER_VERSION = 2  # bump when the output format changes, so old builds are redone
 CORPUS_BYTES = 2_000_000
 MIN_HEAD_DIM = 32  # vLLM's CPU attention backend supports head sizes >= 32 only
@@ -175,15 +177,16 @@ def build_model(hf_tok: Any, args: argparse.Namespace) -> Any:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    heads = args.heads
+    # Other builders pass their own arguments, without the layer-shape options.
+    heads = getattr(args, "heads", DEFAULT_HEADS)
     config = LlamaConfig(
         vocab_size=len(hf_tok),
         hidden_size=args.hidden,
-        intermediate_size=args.intermediate or 2 * args.hidden,
+        intermediate_size=getattr(args, "intermediate", 0) or 2 * args.hidden,
         num_hidden_layers=args.layers,
         num_attention_heads=heads,
-        num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim or max(MIN_HEAD_DIM, args.hidden // heads),
+        num_key_value_heads=getattr(args, "kv_heads", DEFAULT_KV_HEADS),
+        head_dim=getattr(args, "head_dim", 0) or max(MIN_HEAD_DIM, args.hidden // heads),
         max_position_embeddings=2048,
         tie_word_embeddings=False,
         bos_token_id=hf_tok.bos_token_id,
@@ -248,8 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # Layer shape (defaults: 4 heads of hidden/4, 2 KV heads, MLP twice the width). Small values
     # give a wide model with cheap layers, to measure what surrounds the model (benchmarks).
-    parser.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    parser.add_argument("--kv-heads", type=int, default=2, help="KV heads (default 2)")
+    parser.add_argument("--heads", type=int, default=DEFAULT_HEADS, help="attention heads")
+    parser.add_argument("--kv-heads", type=int, default=DEFAULT_KV_HEADS, help="KV heads")
     parser.add_argument("--head-dim", type=int, default=0, help="head size (default hidden/heads)")
     parser.add_argument("--intermediate", type=int, default=0, help="MLP size (default 2*hidden)")
     parser.add_argument(
@@ -282,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         **{
             key: value
             for key, value, default in (
-                ("heads", args.heads, 4),
-                ("kv_heads", args.kv_heads, 2),
+                ("heads", args.heads, DEFAULT_HEADS),
+                ("kv_heads", args.kv_heads, DEFAULT_KV_HEADS),
                 ("head_dim", args.head_dim, 0),
                 ("intermediate", args.intermediate, 0),
             )

@@ -30,11 +30,10 @@ import torch
 from . import announce, errors
 from .errors import reject
 from .limits import DroppedPolicy, Limits
-from .log import logger
 from .parts import EmbedsPlan
 from .placeholder import PLACEHOLDER_TOKEN, with_placeholder_token
 from .render_common import SPANS_KEY, EmbedsRendererMixin
-from .splice import expand_markers
+from .splice import apply_dropped_policy, expand_markers
 
 # Our class name -> the vLLM renderer (module, class) it wraps.
 WRAPPED: Final = {
@@ -99,12 +98,7 @@ def expand_bounded_ids(
     out.extend(ids[last:])
     if plan.nonce in decode([i for i in out if i != placeholder_id]).lower():
         reject(errors.MARKER_MANGLED)  # a marker rendered without its placeholders
-    for part in plan.parts:
-        if part.marker in seen:
-            continue
-        if dropped == "error":
-            reject(errors.PART_DROPPED, where=part.where)
-        logger.warning("chat rendering dropped %s (a prompt_embeds part); ignoring it", part.where)
+    apply_dropped_policy(plan, seen, dropped)
     return out, spans
 
 

@@ -19,8 +19,8 @@ import torch
 from . import errors
 from .errors import reject
 from .limits import DroppedPolicy
-from .log import logger
 from .parts import EmbedsPart, EmbedsPlan
+from .splice import apply_dropped_policy
 
 # A digit on both sides: Tekken's pre-tokenizer makes every digit a piece of its own, so no
 # piece (hence no merge) crosses into or out of the marker, whatever text surrounds it.
@@ -109,10 +109,5 @@ def expand_marker_ids(
                 reject(errors.MARKER_MERGED, where=part.where)
         if plan.nonce in text.lower():  # a marker cut or re-cased, not merged
             reject(errors.MARKER_MANGLED)
-        for part in missing:
-            if dropped == "error":
-                reject(errors.PART_DROPPED, where=part.where)
-            logger.warning(
-                "chat rendering dropped %s (a prompt_embeds part); ignoring it", part.where
-            )
+        apply_dropped_policy(plan, seen, dropped)
     return out, spans

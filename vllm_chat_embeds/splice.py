@@ -62,13 +62,18 @@ def expand_markers(
     if plan.nonce in expanded.lower():  # token_hex nonces are lower case; catch re-cased ones
         # A marker survived only partly (the template sliced, escaped or re-cased it).
         reject(errors.MARKER_MANGLED)
+    apply_dropped_policy(plan, seen, dropped)
+    return expanded, spans
+
+
+def apply_dropped_policy(plan: EmbedsPlan, seen: set[str], dropped: DroppedPolicy) -> None:
+    """Parts whose marker the rendering left out: a 400, or (policy ``warn``) a warning."""
     for part in plan.parts:
         if part.marker in seen:
             continue
         if dropped == "error":
             reject(errors.PART_DROPPED, where=part.where)
-        logger.warning("chat template dropped %s (a prompt_embeds part); ignoring it", part.where)
-    return expanded, spans
+        logger.warning("chat rendering dropped %s (a prompt_embeds part); ignoring it", part.where)
 
 
 def locate_spans(

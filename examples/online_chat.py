@@ -2,7 +2,9 @@
 
 The part holds the model's own input-embedding rows for a piece of text (looked up in the
 checkpoint with its tokenizer), so with greedy decoding the answer equals the answer to the
-same request sent as plain text. ``--compare`` sends that text request too.
+same request sent as plain text. ``--compare`` sends that text request too. ``--api responses``
+sends it to ``POST /v1/responses`` instead of ``/v1/chat/completions`` (the part sits beside
+``input_text`` parts of an ``input`` message).
 
 Run it against the demo server (SmolLM2-135M-Instruct, served as ``smollm2``)::
 
@@ -27,11 +29,26 @@ from openai import OpenAI
 from vllm_chat_embeds.client import embedding_rows, prompt_embeds_part
 
 
-def ask(client: OpenAI, model: str, content: list[dict[str, Any]], max_tokens: int) -> Any:
+def ask(
+    client: OpenAI, api: str, model: str, content: list[dict[str, Any]], max_tokens: int
+) -> tuple[str, int]:
+    """The greedy answer and the prompt's token count, through the chosen endpoint."""
     messages: Any = [{"role": "user", "content": content}]
-    return client.chat.completions.create(
+    if api == "responses":
+        # /v1/responses names text parts "input_text"; prompt_embeds parts are the same.
+        for part in content:
+            if part["type"] == "text":
+                part["type"] = "input_text"
+        response = client.responses.create(
+            model=model, input=messages, temperature=0.0, max_output_tokens=max_tokens
+        )
+        assert response.usage is not None
+        return response.output_text, response.usage.input_tokens
+    chat = client.chat.completions.create(
         model=model, messages=messages, temperature=0.0, max_tokens=max_tokens
     )
+    assert chat.usage is not None
+    return chat.choices[0].message.content or "", chat.usage.prompt_tokens
 
 
 def main() -> None:
@@ -44,6 +61,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--compare", action="store_true", help="also send it all as text")
     parser.add_argument("--encoding", choices=("raw", "safetensors", "torch"), default="raw")
+    parser.add_argument("--api", choices=("chat", "responses"), default="chat")
     args = parser.parse_args()
 
     client = OpenAI(base_url=args.base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"))
@@ -57,9 +75,9 @@ def main() -> None:
     if args.compare:
         runs.append(("text", [text_part, {"type": "text", "text": args.embed_text}]))
     for label, content in runs:
-        response = ask(client, model, content, args.max_tokens)
-        print(f"{label} answer: {response.choices[0].message.content!r}")
-        print(f"{label} prompt_tokens: {response.usage.prompt_tokens}")
+        answer, prompt_tokens = ask(client, args.api, model, content, args.max_tokens)
+        print(f"{label} answer: {answer!r}")
+        print(f"{label} prompt_tokens: {prompt_tokens}")
 
 
 if __name__ == "__main__":

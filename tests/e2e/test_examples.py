@@ -65,6 +65,22 @@ def test_online_example_matches_text(plugin_server, tiny_model: Path):
     assert prompt_tokens["embeds"] == prompt_tokens["text"]
 
 
+def test_online_example_on_the_responses_api_matches_text(plugin_server, tiny_model: Path):
+    found = run_example(
+        "online_chat.py",
+        "--model-dir", str(tiny_model),
+        "--base-url", plugin_server.base_url + "/v1",
+        "--model", plugin_server.model,
+        "--api", "responses",
+        *TINY_ARGS,
+        "--compare",
+    )  # fmt: skip
+    answers, prompt_tokens = found["answer"], found["prompt_tokens"]
+    assert answers["text"], "the model must generate something"
+    assert answers["embeds"] == answers["text"]
+    assert prompt_tokens["embeds"] == prompt_tokens["text"]
+
+
 def test_online_example_finds_the_served_model(plugin_server, tiny_model: Path):
     answers = run_example(
         "online_chat.py",

@@ -232,3 +232,27 @@ def test_live_hostile_case(mode_server, rows_table, case):
     message = response.json()["error"]["message"]
     assert template_regex(case.expect).match(message), message
     assert mode_server.healthy()
+
+
+def test_live_tokenize_marks_the_rows(mode_server, rows_table):
+    """/tokenize (renderer-independent) counts and locates the rows in this mode too."""
+    case = CASES["several_parts"]
+    messages = render(case, rows_table.part)
+
+    def tokenize(messages: list) -> dict:
+        body = {"model": mode_server.model, "messages": messages}
+        response = requests.post(mode_server.base_url + "/tokenize", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    text, with_rows = tokenize(as_text(case)), tokenize(messages)
+    assert (
+        with_rows["count"] == text["count"] == chat(mode_server, messages)["usage"]["prompt_tokens"]
+    )
+    lengths = [len(rows_table.rows(t)) for m in case for kind, t in m["content"] if kind == "e"]
+    spans = with_rows["prompt_embeds_spans"]
+    assert [length for _, length in spans] == lengths
+    embedded = {s + i for s, length in spans for i in range(length)}
+    assert [t for i, t in enumerate(with_rows["tokens"]) if i not in embedded] == [
+        t for i, t in enumerate(text["tokens"]) if i not in embedded
+    ]

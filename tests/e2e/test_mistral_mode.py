@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,3 +229,45 @@ def test_hostile_case(mistral_server, tekken_table, case):
     message = response.json()["error"]["message"]
     assert template_regex(case.expect).match(message), message
     assert mistral_server.healthy()
+
+
+OFFLINE_SCRIPT = """
+import json, sys, torch
+from vllm import LLM, SamplingParams
+cases = torch.load(sys.argv[2])
+llm = LLM(model=sys.argv[1], tokenizer_mode="mistral", enable_prompt_embeds=True,
+          dtype="float32", enforce_eager=True, max_model_len=1024, max_num_seqs=4,
+          kv_cache_memory_bytes=64 << 20)
+greedy = SamplingParams(max_tokens=12, temperature=0.0)
+out = {}
+for name, messages in cases.items():
+    out[name] = list(llm.chat(messages, greedy, use_tqdm=False)[0].outputs[0].token_ids)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_offline_llm_chat_in_mistral_mode(mistral_model, tekken_table, vllm_cache_root, tmp_path):
+    """LLM.chat() in this mode (its own process: one engine per test process is enough)."""
+    import subprocess
+    import sys
+
+    case = CASES["every_role"]
+    cases = {
+        "text": as_text(case),
+        "base64": render(case, tekken_table.part),
+        "tensor": render(case, lambda t: {"type": "prompt_embeds", "data": tekken_table.rows(t)}),
+    }
+    torch.save(cases, tmp_path / "cases.pt")
+    env = server_env(trap=True, plugins=True, mp=False, cache_root=vllm_cache_root)
+    done = subprocess.run(
+        [sys.executable, "-c", OFFLINE_SCRIPT, str(mistral_model), str(tmp_path / "cases.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line.removeprefix("RESULT "))
+    assert out["text"], "the model must generate something"
+    assert out["base64"] == out["tensor"] == out["text"]

@@ -106,7 +106,7 @@ class GenericEmbedsMixin(EmbedsRendererMixin):
     """Mixed in before a vLLM renderer class that renders messages to text or token ids."""
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
-        self.embeds_enabled = bool(getattr(config.model_config, "enable_prompt_embeds", False))
+        self.embeds_enabled = self._embeds_flag(config.model_config)
         self.placeholder_id: int | None = None
         if tokenizer is not None and self.embeds_enabled:
             tokenizer, self.placeholder_id = with_placeholder_token(tokenizer)

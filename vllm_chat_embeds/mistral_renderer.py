@@ -38,7 +38,7 @@ class ChatEmbedsMistralRenderer(EmbedsRendererMixin, MistralRenderer):
 
     def __init__(self, config: Any, tokenizer: Any) -> None:
         super().__init__(config, tokenizer)
-        self.embeds_enabled = bool(getattr(config.model_config, "enable_prompt_embeds", False))
+        self.embeds_enabled = self._embeds_flag(config.model_config)
         self.placeholder_id = None
         if tokenizer is not None and self.embeds_enabled:
             self.placeholder_id = _placeholder_id(tokenizer)

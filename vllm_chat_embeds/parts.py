@@ -118,9 +118,27 @@ def reject_reserved_text(
     """Refuse the placeholder string anywhere a user-controlled string reaches the template."""
     roots = (("messages", messages), ("tools", tools), ("chat_template_kwargs", template_kwargs))
     for root, value in roots:
-        for path, text in _iter_strings(value, root):
-            if PLACEHOLDER_TOKEN in text:
-                reject(errors.RESERVED_TEXT, where=path, token=PLACEHOLDER_TOKEN)
+        reject_reserved_strings(root, value)
+
+
+def reject_reserved_strings(root: str, value: object) -> None:
+    """Refuse the placeholder string in any string of ``value``, located from ``root``."""
+    for path, text in _iter_strings(value, root):
+        if PLACEHOLDER_TOKEN in text:
+            reject(errors.RESERVED_TEXT, where=path, token=PLACEHOLDER_TOKEN)
+
+
+_reserved_in_process = False
+
+
+def reserve_placeholder_text() -> None:
+    """Record that this process serves prompt_embeds parts, so the placeholder is reserved."""
+    global _reserved_in_process
+    _reserved_in_process = True
+
+
+def placeholder_text_reserved() -> bool:
+    return _reserved_in_process
 
 
 @dataclass(frozen=True)

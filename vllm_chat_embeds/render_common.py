@@ -20,7 +20,13 @@ from vllm.renderers.base import BaseRenderer
 from . import errors
 from .errors import reject
 from .limits import Limits
-from .parts import EmbedsPlan, extract_parts, has_embeds_parts, reject_reserved_text
+from .parts import (
+    EmbedsPlan,
+    extract_parts,
+    has_embeds_parts,
+    reject_reserved_text,
+    reserve_placeholder_text,
+)
 from .payload import PayloadSpec
 from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input
 
@@ -52,6 +58,15 @@ class EmbedsRendererMixin:
             rows_limit=max_rows,
             encodings=self.limits.encodings,
         )
+
+    @staticmethod
+    def _embeds_flag(model_config: Any) -> bool:
+        """``--enable-prompt-embeds``; when on, this process reserves the placeholder string
+        (request validators that run before any renderer, /v1/responses', check it too)."""
+        enabled = bool(getattr(model_config, "enable_prompt_embeds", False))
+        if enabled:
+            reserve_placeholder_text()
+        return enabled
 
     # -- prompt_embeds parts ------------------------------------------------------------------
 

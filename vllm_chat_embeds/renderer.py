@@ -48,7 +48,7 @@ class ChatEmbedsHfRenderer(EmbedsRendererMixin, HfRenderer):
         # HfRenderer.__init__ registers the built-in placeholder; we set up what it sets up,
         # but with our own placeholder registration.
         model_config = config.model_config
-        self.embeds_enabled = bool(getattr(model_config, "enable_prompt_embeds", False))
+        self.embeds_enabled = self._embeds_flag(model_config)
         self.placeholder_id: int | None = None
         if tokenizer is not None and self.embeds_enabled:
             tokenizer, self.placeholder_id = with_placeholder_token(tokenizer)

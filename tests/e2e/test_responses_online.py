@@ -196,6 +196,15 @@ def test_flag_off_server_refuses_with_not_enabled(flag_off_server, table):
     assert post(flag_off_server, [{"role": "user", "content": "def f(x):"}]).status_code == 200
 
 
+def test_placeholder_text_is_plain_text_without_the_flag(flag_off_server, server):
+    """The placeholder string is reserved only where prompt_embeds are enabled."""
+    items = [{"role": "user", "content": [text_part("say <prompt_embeds> please")]}]
+    assert post(flag_off_server, items).status_code == 200
+    refused = post(server, items)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["message"].startswith("input[0].content[0].text contains")
+
+
 def hostile_input(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """A hostile chat case as Responses input, or None when it has no Responses equivalent
     (roles or message fields /v1/responses does not take parts in)."""
@@ -228,11 +237,7 @@ def test_hostile_case_through_responses(server, table, case):
     assert response.status_code == 400, response.text
     message = response.json()["error"]["message"]
     assert template_regex(case.expect).match(message), message
-    if case.expect == errors.RESERVED_TEXT:
-        # Known limit (docs/user-guide.md): text is checked on the chat messages vLLM builds
-        # from ``input``, so this one message names ``messages[..]``.
-        assert message.startswith("messages["), message
-    elif "{where}" in case.expect:
+    if "{where}" in case.expect:
         assert message.startswith("input["), message
     assert server.healthy()
 

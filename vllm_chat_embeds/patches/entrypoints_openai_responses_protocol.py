@@ -25,7 +25,12 @@ from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
 from .. import errors
 from ..errors import reject
-from ..parts import LocatedPart, is_embeds_part
+from ..parts import (
+    LocatedPart,
+    is_embeds_part,
+    placeholder_text_reserved,
+    reject_reserved_strings,
+)
 from . import Patch, check
 
 # Roles whose input messages vLLM passes on as chat messages with their content list intact.
@@ -84,6 +89,10 @@ def validate_input(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     """vLLM's validation of ``input``, with prompt_embeds parts stood in for and put back."""
     if not isinstance(value, list):
         return handler(value)
+    if placeholder_text_reserved():
+        # Checked here, where the text still sits at its place in ``input``; the renderer
+        # would see it in the chat messages vLLM builds and name those.
+        reject_reserved_strings("input", value)
     stripped, held = _take_parts(value)
     validated = handler(stripped)
     return _put_back(validated, held) if held else validated

@@ -8,6 +8,7 @@ of a message, where byte-level BPE never merges across, so the token rows are th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 Segment = tuple[str, str]
@@ -73,19 +74,25 @@ STRING_CONTENT = (
 )
 
 
-def render(case: Case, part_for_embeds) -> list[dict[str, Any]]:
-    """Turn a case into messages; ``part_for_embeds(text)`` builds each ("e", text) part."""
+def render(
+    case: Case, part_for_embeds, others: Mapping[str, Callable[[str], dict]] | None = None
+) -> list[dict[str, Any]]:
+    """Turn a case into messages; ``part_for_embeds(text)`` builds each ("e", text) part, and
+    ``others[kind](value)`` each segment of another kind (e.g. images)."""
+    builders = {"t": lambda text: {"type": "text", "text": text}, **(others or {})}
     messages = []
     for message in case:
         content = message["content"]
         if isinstance(content, list):
             content = [
-                {"type": "text", "text": text} if kind == "t" else part_for_embeds(text)
-                for kind, text in content
+                builders[kind](value) if kind in builders else part_for_embeds(value)
+                for kind, value in content
             ]
         messages.append({**message, "content": content})
     return messages
 
 
-def as_text(case: Case) -> list[dict[str, Any]]:
-    return render(case, lambda text: {"type": "text", "text": text})
+def as_text(
+    case: Case, others: Mapping[str, Callable[[str], dict]] | None = None
+) -> list[dict[str, Any]]:
+    return render(case, lambda text: {"type": "text", "text": text}, others)

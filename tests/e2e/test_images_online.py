@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import chat_cases
 import pytest
 import requests
 import torch
@@ -80,22 +81,11 @@ def image_part(colour: str) -> dict[str, Any]:
 
 def render(case: Case, embeds_part) -> list[dict[str, Any]]:
     """Messages of a case; ``embeds_part(text)`` builds each ("e", text) segment."""
-    messages = []
-    for message in case:
-        content = []
-        for kind, value in message["content"]:
-            if kind == "i":
-                content.append(image_part(value))
-            elif kind == "t":
-                content.append({"type": "text", "text": value})
-            else:
-                content.append(embeds_part(value))
-        messages.append({**message, "content": content})
-    return messages
+    return chat_cases.render(case, embeds_part, {"i": image_part})
 
 
 def as_text(case: Case) -> list[dict[str, Any]]:
-    return render(case, lambda text: {"type": "text", "text": text})
+    return chat_cases.as_text(case, {"i": image_part})
 
 
 @pytest.fixture(scope="module")

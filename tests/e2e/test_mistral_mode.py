@@ -19,7 +19,7 @@ import torch
 from chat_cases import CASES, as_text, render
 from conftest import MODELS, Server, build_model, run_server, server_env
 from hostile_cases import CASES as HOSTILE
-from test_hostile_online import template_regex
+from test_hostile_online import hostile_outcome, post
 
 from vllm_chat_embeds import errors
 
@@ -218,16 +218,7 @@ def test_prompt_logprobs_and_tokenize(mistral_server, tekken_table):
 def test_hostile_case(mistral_server, tekken_table, case):
     """The chat hostile table in this mode: the same 400 for each bad payload, server up."""
     messages = case.build(int(tekken_table.weight.shape[1]), tekken_table.rows(" 1 + 2"))
-    body = {"model": mistral_server.model, "messages": messages, **GREEDY}
-    response = requests.post(
-        mistral_server.base_url + "/v1/chat/completions", json=body, timeout=120
-    )
-    if case.expect is None:
-        assert response.status_code == 200, response.text
-        return
-    assert response.status_code == 400, response.text
-    message = response.json()["error"]["message"]
-    assert template_regex(case.expect).match(message), message
+    hostile_outcome(post(mistral_server, messages), case)
     assert mistral_server.healthy()
 
 

@@ -21,7 +21,7 @@ import torch
 from chat_cases import CASES, as_text, render
 from conftest import MODELS, EmbeddingTable, Server, build_model, run_server, server_env
 from hostile_cases import CASES as HOSTILE
-from test_hostile_online import template_regex
+from test_hostile_online import hostile_outcome, post
 from vllm.config import ModelConfig, VllmConfig
 from vllm.exceptions import VLLMValidationError
 from vllm.renderers.params import ChatParams
@@ -223,14 +223,7 @@ def test_live_bad_part_is_a_400_and_the_server_stays_up(mode_server, rows_table)
 def test_live_hostile_case(mode_server, rows_table, case):
     """The chat hostile table in this mode: the same 400 for each bad payload, server up."""
     messages = case.build(int(rows_table.weight.shape[1]), rows_table.rows(" 1 + 2"))
-    body = {"model": mode_server.model, "messages": messages, **GREEDY}
-    response = requests.post(mode_server.base_url + "/v1/chat/completions", json=body, timeout=120)
-    if case.expect is None:
-        assert response.status_code == 200, response.text
-        return
-    assert response.status_code == 400, response.text
-    message = response.json()["error"]["message"]
-    assert template_regex(case.expect).match(message), message
+    hostile_outcome(post(mode_server, messages), case)
     assert mode_server.healthy()
 
 

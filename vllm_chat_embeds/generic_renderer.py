@@ -20,7 +20,6 @@ dependency is missing (``cohere_melody``) costs nothing until it is used.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
@@ -30,6 +29,7 @@ import torch
 from . import announce, errors
 from .errors import reject
 from .limits import DroppedPolicy, Limits
+from .other_renderers import LazyClasses
 from .parts import EmbedsPlan
 from .placeholder import PLACEHOLDER_TOKEN, with_placeholder_token
 from .render_common import SPANS_KEY, EmbedsRendererMixin
@@ -169,14 +169,6 @@ def wrap(base: type) -> type:
     )
 
 
-_BUILT: dict[str, type] = {}
-
-
-def __getattr__(name: str) -> type:
-    if name in _BUILT:
-        return _BUILT[name]
-    if name not in WRAPPED:
-        raise AttributeError(name)
-    module, class_name = WRAPPED[name]
-    _BUILT[name] = wrap(getattr(importlib.import_module(module), class_name))
-    return _BUILT[name]
+_CLASSES: Final = LazyClasses(lambda base, name: wrap(base))
+_CLASSES.origins.update(WRAPPED)
+__getattr__ = _CLASSES.get

@@ -13,6 +13,7 @@ until it is used.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, Final
 
 from . import errors
@@ -47,9 +48,31 @@ def refusing_class(base: type, mode: str) -> type:
     return type(f"{PREFIX}{base.__name__}", (base,), namespace)
 
 
-# Our class name -> the built class, and -> the vLLM (module, class) it derives from.
-_BUILT: dict[str, type] = {}
-_ORIGINS: dict[str, tuple[str, str]] = {}
+class LazyClasses:
+    """Renderer classes derived from vLLM ones on first use, for a module ``__getattr__``.
+
+    Why lazily: the registry names our classes at start-up, but a vLLM renderer module may
+    need optional packages (``cohere_melody``); building only what a process uses keeps a
+    missing one from costing anything until its mode is chosen.
+    """
+
+    def __init__(self, build: Callable[[type, str], type]) -> None:
+        self.origins: dict[str, tuple[str, str]] = {}  # our class name -> vLLM (module, class)
+        self._build = build
+        self._built: dict[str, type] = {}
+
+    def get(self, name: str) -> type:
+        if name not in self._built:
+            if name not in self.origins:
+                raise AttributeError(name)
+            module, class_name = self.origins[name]
+            base = getattr(importlib.import_module(module), class_name)
+            self._built[name] = self._build(base, name)
+        return self._built[name]
+
+
+# Refusing subclasses, built on first use from the vLLM classes ``take_over`` found.
+_CLASSES: Final = LazyClasses(lambda base, name: refusing_class(base, name.rsplit("__", 1)[1]))
 
 
 def take_over(renderers: dict[str, tuple[str, str]]) -> list[str]:
@@ -61,18 +84,10 @@ def take_over(renderers: dict[str, tuple[str, str]]) -> list[str]:
         if mode in RENDERER_MODES or module.startswith("vllm_chat_embeds"):
             continue
         ours = f"{PREFIX}{class_name}__{mode}"
-        _ORIGINS[ours] = (module, class_name)
+        _CLASSES.origins[ours] = (module, class_name)
         renderers[mode] = (__name__, ours)
         modes.append(mode)
     return modes
 
 
-def __getattr__(name: str) -> type:
-    if name in _BUILT:
-        return _BUILT[name]
-    if name not in _ORIGINS:
-        raise AttributeError(name)
-    module, class_name = _ORIGINS[name]
-    base = getattr(importlib.import_module(module), class_name)
-    _BUILT[name] = refusing_class(base, name.rsplit("__", 1)[1])
-    return _BUILT[name]
+__getattr__ = _CLASSES.get

@@ -12,15 +12,15 @@ __version__: Final = "0.1.0"
 
 # Tokenizer mode -> (our module, our renderer class) serving prompt_embeds parts in that mode.
 RENDERERS: Final = {
-    "hf": ("renderer", "ChatEmbedsHfRenderer"),
-    "mistral": ("mistral_renderer", "ChatEmbedsMistralRenderer"),
-    # vLLM's other renderers, each wrapped by the one generic mixin (``generic_renderer``).
-    "deepseek_v32": ("generic_renderer", "ChatEmbedsDeepseekV32Renderer"),
-    "deepseek_v4": ("generic_renderer", "ChatEmbedsDeepseekV4Renderer"),
-    "deepseek_v41": ("generic_renderer", "ChatEmbedsDeepseekV4Renderer"),
-    "kimi_k3": ("generic_renderer", "ChatEmbedsKimiK3Renderer"),
-    "cohere": ("generic_renderer", "ChatEmbedsCohereRenderer"),
-    "inkling": ("generic_renderer", "ChatEmbedsInklingRenderer"),
+    "hf": ("renderers.hf", "ChatEmbedsHfRenderer"),
+    "mistral": ("renderers.mistral", "ChatEmbedsMistralRenderer"),
+    # vLLM's other renderers, each wrapped by the one generic mixin (``renderers.generic``).
+    "deepseek_v32": ("renderers.generic", "ChatEmbedsDeepseekV32Renderer"),
+    "deepseek_v4": ("renderers.generic", "ChatEmbedsDeepseekV4Renderer"),
+    "deepseek_v41": ("renderers.generic", "ChatEmbedsDeepseekV4Renderer"),
+    "kimi_k3": ("renderers.generic", "ChatEmbedsKimiK3Renderer"),
+    "cohere": ("renderers.generic", "ChatEmbedsCohereRenderer"),
+    "inkling": ("renderers.generic", "ChatEmbedsInklingRenderer"),
 }
 RENDERER_MODES: Final = tuple(RENDERERS)
 
@@ -36,7 +36,7 @@ def register() -> None:
     if _registered:
         return
 
-    from .version_gate import check_vllm_version
+    from .compat.version_gate import check_vllm_version
 
     check_vllm_version(__version__)
 
@@ -46,7 +46,7 @@ def register() -> None:
 
     apply_all()
 
-    from .other_renderers import take_over
+    from .renderers.registry import take_over
 
     # Registry entries are set directly: RENDERER_REGISTRY.register() would log a warning in
     # every process that reads as if something went wrong.

@@ -186,7 +186,7 @@ def test_bad_parts_beside_an_image_get_a_400_and_the_server_stays_healthy(vlm_se
 def test_other_media_beside_parts_are_refused_by_name():
     """Audio and video beside parts are untested, so refused (this model takes images only,
     and vLLM refuses other media for it before our renderer sees them)."""
-    from vllm_chat_embeds.renderer import _check_media
+    from vllm_chat_embeds.renderers.hf import _check_media
 
     _check_media({"image": [object()]})
     message = errors.WITH_MULTIMODAL.format(modalities="audio, video", mode="hf")

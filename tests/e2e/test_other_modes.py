@@ -1,4 +1,4 @@
-"""prompt_embeds parts in vLLM's other tokenizer modes (``generic_renderer``).
+"""prompt_embeds parts in vLLM's other tokenizer modes (``renderers.generic``).
 
 Each served mode renders the same chats twice through the real renderer, with a tiny Llama
 whose tokenizer carries that mode's structural tokens (``tools/build_renderers_test_model.py``):
@@ -29,8 +29,8 @@ from vllm.renderers.registry import renderer_from_config
 
 import vllm_chat_embeds
 from vllm_chat_embeds import errors
-from vllm_chat_embeds.generic_renderer import bounded
 from vllm_chat_embeds.placeholder import PLACEHOLDER_TOKEN
+from vllm_chat_embeds.renderers.generic import bounded
 
 pytestmark = pytest.mark.e2e
 

@@ -12,7 +12,7 @@ from vllm_chat_embeds import decode_buffers, errors
 from vllm_chat_embeds.decode_buffers import POOL_ABOVE_BYTES, BufferPool, decoded_size
 from vllm_chat_embeds.limits import ENV_DECODE_POOL_BYTES, Limits
 from vllm_chat_embeds.payload import PayloadSpec, decode_payload
-from vllm_chat_embeds.splice import build_embeds_input
+from vllm_chat_embeds.renderers.splice import build_embeds_input
 
 pytestmark = pytest.mark.unit
 

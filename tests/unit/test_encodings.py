@@ -29,8 +29,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm_chat_embeds import errors, payload
 from vllm_chat_embeds.client import Encoding, WireDtype, prompt_embeds_part
 from vllm_chat_embeds.limits import ALL_ENCODINGS, ENV_ENCODINGS, Limits
-from vllm_chat_embeds.parts import ALLOWED_KEYS, extract_parts
 from vllm_chat_embeds.payload import PayloadSpec, decode_payload
+from vllm_chat_embeds.renderers.parts import ALLOWED_KEYS, extract_parts
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""``generic_renderer``: bounded markers in token ids become placeholder runs, or a 400."""
+"""``renderers.generic``: bounded markers in token ids become placeholder runs, or a 400."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from vllm.exceptions import VLLMValidationError
 
 from vllm_chat_embeds import errors
-from vllm_chat_embeds.generic_renderer import bounded, expand_bounded_ids, map_markers
-from vllm_chat_embeds.parts import EmbedsPart, EmbedsPlan
+from vllm_chat_embeds.renderers.generic import bounded, expand_bounded_ids, map_markers
+from vllm_chat_embeds.renderers.parts import EmbedsPart, EmbedsPlan
 
 pytestmark = pytest.mark.unit
 

@@ -18,8 +18,8 @@ import torch
 from vllm.exceptions import VLLMValidationError
 
 from vllm_chat_embeds import errors
-from vllm_chat_embeds.marker_ids import bound_markers, bounded_marker, expand_marker_ids
-from vllm_chat_embeds.parts import EmbedsPart, EmbedsPlan
+from vllm_chat_embeds.renderers.marker_ids import bound_markers, bounded_marker, expand_marker_ids
+from vllm_chat_embeds.renderers.parts import EmbedsPart, EmbedsPlan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from build_mistral_test_model import PATTERN, tekken_json  # noqa: E402

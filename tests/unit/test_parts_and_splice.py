@@ -12,9 +12,12 @@ import pytest
 import torch
 from vllm.exceptions import VLLMValidationError
 
-from vllm_chat_embeds import errors, splice
+from vllm_chat_embeds import errors
 from vllm_chat_embeds.limits import Limits
-from vllm_chat_embeds.parts import (
+from vllm_chat_embeds.payload import PayloadSpec
+from vllm_chat_embeds.placeholder import PLACEHOLDER_TOKEN
+from vllm_chat_embeds.renderers import splice
+from vllm_chat_embeds.renderers.parts import (
     ALLOWED_KEYS,
     EmbedsPart,
     EmbedsPlan,
@@ -22,9 +25,7 @@ from vllm_chat_embeds.parts import (
     has_embeds_parts,
     reject_reserved_text,
 )
-from vllm_chat_embeds.payload import PayloadSpec
-from vllm_chat_embeds.placeholder import PLACEHOLDER_TOKEN
-from vllm_chat_embeds.splice import build_embeds_input, expand_markers
+from vllm_chat_embeds.renderers.splice import build_embeds_input, expand_markers
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,8 @@ import vllm
 from vllm.renderers.registry import RENDERER_REGISTRY
 
 import vllm_chat_embeds
-from vllm_chat_embeds import errors, version_gate
+from vllm_chat_embeds import errors
+from vllm_chat_embeds.compat import version_gate
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +38,6 @@ def test_register_routes_hf_rendering_to_our_renderer_idempotently():
     vllm_chat_embeds.register()
     vllm_chat_embeds.register()
     assert RENDERER_REGISTRY.renderers["hf"] == (
-        "vllm_chat_embeds.renderer",
+        "vllm_chat_embeds.renderers.hf",
         "ChatEmbedsHfRenderer",
     )

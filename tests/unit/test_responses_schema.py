@@ -12,7 +12,7 @@ from vllm.exceptions import VLLMValidationError
 
 import vllm_chat_embeds
 from vllm_chat_embeds import errors
-from vllm_chat_embeds.parts import LocatedPart, first_embeds_part
+from vllm_chat_embeds.renderers.parts import LocatedPart, first_embeds_part
 
 pytestmark = pytest.mark.unit
 

@@ -31,5 +31,5 @@ def test_matrix_matches_the_registry():
             ours_module, ours_class = vllm_chat_embeds.RENDERERS[mode]
             assert (module, class_name) == (f"vllm_chat_embeds.{ours_module}", ours_class), mode
         else:
-            assert module == "vllm_chat_embeds.other_renderers", mode
+            assert module == "vllm_chat_embeds.renderers.registry", mode
             assert class_name.startswith("Refusing"), mode

@@ -25,7 +25,7 @@ from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
 from .. import errors
 from ..errors import reject
-from ..parts import (
+from ..renderers.parts import (
     LocatedPart,
     is_embeds_part,
     placeholder_text_reserved,

@@ -1,7 +1,7 @@
 """Patch of ``vllm/renderers/chat_utils.py``: let our bounded part markers through.
 
 What: vLLM's check that refuses ``<prompt_embeds>`` inside text content now ignores the
-pieces ``placeholder, part marker, placeholder`` that ``generic_renderer`` writes in place of
+pieces ``placeholder, part marker, placeholder`` that ``renderers.generic`` writes in place of
 a part, and refuses any other occurrence as before. Why: the generic renderer hands vLLM's
 DeepSeek/Kimi/Cohere/Inkling renderers messages where each part is such a bounded marker, and
 those renderers parse messages with the checking parser before they render them. Clients
@@ -18,7 +18,7 @@ from typing import Any, Final
 from ..placeholder import PLACEHOLDER_TOKEN
 from . import Patch, check
 
-# ``generic_renderer.bounded`` of a ``parts`` marker, for any nonce and part index.
+# ``renderers.generic.bounded`` of a ``parts`` marker, for any nonce and part index.
 BOUNDED_MARKER: Final = re.compile(
     re.escape(PLACEHOLDER_TOKEN) + r"<\|pe:[0-9a-f]+:\d+\|>" + re.escape(PLACEHOLDER_TOKEN)
 )

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import errors
 from ..errors import reject
-from ..parts import LocatedPart
+from ..renderers.parts import LocatedPart
 from . import Patch, check
 
 

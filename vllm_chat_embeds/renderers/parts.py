@@ -18,11 +18,11 @@ from typing import Any, Final
 
 import torch
 
-from . import errors
-from .errors import reject
-from .limits import Limits
-from .payload import PayloadSpec, decode_payload
-from .placeholder import PLACEHOLDER_TOKEN
+from .. import errors
+from ..errors import reject
+from ..limits import Limits
+from ..payload import PayloadSpec, decode_payload
+from ..placeholder import PLACEHOLDER_TOKEN
 
 PART_TYPE: Final = "prompt_embeds"
 ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape"})

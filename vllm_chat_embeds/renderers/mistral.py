@@ -4,7 +4,7 @@ Why a subclass registered for the ``mistral`` mode: vLLM's ``MistralRenderer`` h
 request's messages to ``mistral_common``, which refuses a prompt_embeds part. Ours takes the
 parts out first (``parts``), gives ``mistral_common`` a marker text chunk in their place, and
 finds each marker again in the token ids it returns (``marker_ids``): those positions become
-placeholder spans, and the shared steps (``render_common``) hand the engine an embeds input.
+placeholder spans, and the shared steps (``renderers.base``) hand the engine an embeds input.
 A chat without prompt_embeds parts is rendered exactly as vLLM renders it.
 
 The placeholder id is the tokenizer's ``<unk>``: a control token that no text and no chat
@@ -24,12 +24,12 @@ from vllm.renderers.mistral import (
     safe_apply_chat_template,
 )
 
-from . import announce, errors
-from .errors import reject
-from .limits import Limits
+from .. import announce, errors
+from ..errors import reject
+from ..limits import Limits
+from .base import SPANS_KEY, EmbedsRendererMixin
 from .marker_ids import bound_markers, expand_marker_ids
 from .parts import EmbedsPlan
-from .render_common import SPANS_KEY, EmbedsRendererMixin
 
 
 class ChatEmbedsMistralRenderer(EmbedsRendererMixin, MistralRenderer):

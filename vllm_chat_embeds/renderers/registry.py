@@ -1,7 +1,7 @@
 """Tokenizer modes whose chat renderer does not support prompt_embeds parts yet.
 
 Extends ``vllm/renderers/registry.py``. Why: the renderers of vLLM 0.32 that the plugin does
-not serve (today ``kimi_audio`` and ``terratorch``; ``generic_renderer`` serves DeepSeek, Kimi
+not serve (today ``kimi_audio`` and ``terratorch``; ``renderers.generic`` serves DeepSeek, Kimi
 K3, Cohere and Inkling) answer a prompt_embeds part with an unrelated error or pass it to a
 multimodal path. Here each is
 registered as a subclass that refuses such a part up front with a 400 naming the tokenizer
@@ -16,8 +16,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any, Final
 
-from . import errors
-from .errors import reject
+from .. import errors
+from ..errors import reject
 from .parts import first_embeds_part
 
 PREFIX: Final = "Refusing"
@@ -77,7 +77,7 @@ _CLASSES: Final = LazyClasses(lambda base, name: refusing_class(base, name.rspli
 
 def take_over(renderers: dict[str, tuple[str, str]]) -> list[str]:
     """Point every mode we do not serve at a refusing subclass; return those modes."""
-    from . import RENDERER_MODES
+    from .. import RENDERER_MODES
 
     modes = []
     for mode, (module, class_name) in list(renderers.items()):

@@ -23,13 +23,13 @@ from vllm.multimodal.inputs import (
     PlaceholderRange,
 )
 
-from . import errors
-from .errors import reject
-from .limits import DroppedPolicy
-from .log import logger
+from .. import errors
+from ..errors import reject
+from ..limits import DroppedPolicy
+from ..log import logger
+from ..patches.entrypoints_serve_tokenize_serving import note_embeds_rows
+from ..placeholder import PLACEHOLDER_TOKEN
 from .parts import EmbedsPlan
-from .patches.entrypoints_serve_tokenize_serving import note_embeds_rows
-from .placeholder import PLACEHOLDER_TOKEN
 
 EMBED_ROW_TOKEN_ID: Final = 0
 # vLLM's passthrough modality for ready embedding rows, and the key its runners read them from.

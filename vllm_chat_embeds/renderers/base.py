@@ -17,9 +17,10 @@ from typing import Any, Final, cast
 
 from vllm.renderers.base import BaseRenderer
 
-from . import errors
-from .errors import reject
-from .limits import Limits
+from .. import errors
+from ..errors import reject
+from ..limits import Limits
+from ..payload import PayloadSpec
 from .parts import (
     EmbedsPlan,
     extract_parts,
@@ -27,7 +28,6 @@ from .parts import (
     reject_reserved_text,
     reserve_placeholder_text,
 )
-from .payload import PayloadSpec
 from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input
 
 # Private key under which the part tensors ride on the prompt dict from rendering to

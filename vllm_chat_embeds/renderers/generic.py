@@ -11,7 +11,7 @@ placeholder is a special token of our private tokenizer copy (``placeholder``), 
 tokenizer splits there and the text around a part is tokenized exactly as it would be around
 the part's rows; no text can contain it (``parts.reject_reserved_text``). After vLLM's own
 rendering, each bounded marker, found as text or as ids, becomes one placeholder per row, and
-the shared steps (``render_common``) hand the engine an embeds input. A chat without parts is
+the shared steps (``renderers.base``) hand the engine an embeds input. A chat without parts is
 rendered by vLLM's class untouched.
 
 Served classes are built on first use (module ``__getattr__``), so a mode whose optional
@@ -26,13 +26,13 @@ from typing import Any, Final, cast
 
 import torch
 
-from . import announce, errors
-from .errors import reject
-from .limits import DroppedPolicy, Limits
-from .other_renderers import LazyClasses
+from .. import announce, errors
+from ..errors import reject
+from ..limits import DroppedPolicy, Limits
+from ..placeholder import PLACEHOLDER_TOKEN, with_placeholder_token
+from .base import SPANS_KEY, EmbedsRendererMixin
 from .parts import EmbedsPlan
-from .placeholder import PLACEHOLDER_TOKEN, with_placeholder_token
-from .render_common import SPANS_KEY, EmbedsRendererMixin
+from .registry import LazyClasses
 from .splice import apply_dropped_policy, expand_markers
 
 # Our class name -> the vLLM renderer (module, class) it wraps.

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import errors
-from .errors import reject
-from .limits import DroppedPolicy
+from .. import errors
+from ..errors import reject
+from ..limits import DroppedPolicy
 from .parts import EmbedsPart, EmbedsPlan
 from .splice import apply_dropped_policy
 

@@ -31,12 +31,12 @@ from vllm.renderers.inputs.preprocess import parse_dec_only_prompt
 from vllm.tokenizers.hf import maybe_make_thread_pool
 from vllm.utils.async_utils import make_async
 
-from . import announce, errors
-from .errors import reject
-from .limits import Limits
+from .. import announce, errors
+from ..errors import reject
+from ..limits import Limits
+from ..placeholder import with_placeholder_token
+from .base import SPANS_KEY, EmbedsRendererMixin
 from .parts import EmbedsPlan
-from .placeholder import with_placeholder_token
-from .render_common import SPANS_KEY, EmbedsRendererMixin
 from .splice import add_embeds_items, expand_markers
 
 # Media that may share a request with prompt_embeds parts (tested end to end on Idefics3).

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from typing import Final
 
-from . import errors
-from .log import logger
+from .. import errors
+from ..log import logger
 
 SUPPORTED_SERIES: Final = ("0.32.",)
 ENV_ALLOW_UNSUPPORTED: Final = "CHAT_EMBEDS_ALLOW_UNSUPPORTED_VLLM"

@@ -185,6 +185,39 @@ def flag_off_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
         yield server
 
 
+LORA_NAMES = ("lora-a", "lora-b")
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tiny_model: Path) -> dict[str, Path]:
+    """Two random PEFT LoRA adapters (q/v projections) of the tiny model, by served name."""
+    return {
+        name: build_model("build_lora_adapter.py", MODELS / f"tiny-{name}", "--base",
+                          str(tiny_model), "--seed", str(seed))
+        for seed, name in enumerate(LORA_NAMES)
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def feature_server(tiny_model: Path, lora_adapters: dict, vllm_cache_root: str):
+    """One plugin server carrying the vLLM features parts are combined with: LoRA adapters,
+    auto tool choice with the hermes parser, prefix caching with prompt-token details.
+
+    Why one: each server start costs 20-40 s of the suite's 15-minute budget.
+    """
+    modules = [f"{name}={path}" for name, path in lora_adapters.items()]
+    args = [
+        *TEST_SERVER_ARGS,
+        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+        "--lora-modules", *modules,
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--enable-prefix-caching",
+    ]  # fmt: skip
+    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root)
+    with run_server(tiny_model, *args, env=env) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def offline_llm(tiny_model: Path, vllm_cache_root: str):
     """A real in-process ``LLM`` with the plugin and the built-in helpers trapped."""

@@ -258,3 +258,75 @@ CASES.extend(
         ),
     ]
 )
+
+
+# -- the same bad parts at every place of a chat ---------------------------------------------------
+
+TEXT = {"type": "text", "text": "x ="}
+MORE = {"type": "text", "text": " and more"}
+
+
+def part_of(case: Case, width: int, rows: torch.Tensor) -> dict[str, Any] | None:
+    """The one part a ``user(part)`` case sends, or None for cases built another way."""
+    messages = case.build(width, rows)
+    if len(messages) != 1 or messages[0]["role"] != "user":
+        return None
+    content = messages[0]["content"]
+    if not isinstance(content, list) or len(content) != 2 or content[0] != TEXT:
+        return None
+    return content[1]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a part goes: ``build(part, valid_part)`` gives the messages, ``where`` names it."""
+
+    name: str
+    build: Callable[[Any, dict[str, Any]], list[dict[str, Any]]]
+    where: str
+
+
+def _users(*contents: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": content} for content in contents]
+
+
+PLACEMENTS: list[Placement] = [
+    Placement("alone", lambda p, v: _users([p]), "messages[0].content[0]"),
+    Placement("first", lambda p, v: _users([p, TEXT]), "messages[0].content[0]"),
+    Placement("middle", lambda p, v: _users([TEXT, p, MORE]), "messages[0].content[1]"),
+    Placement("last", lambda p, v: _users([TEXT, p]), "messages[0].content[1]"),
+    Placement("before_a_valid_part", lambda p, v: _users([p, v]), "messages[0].content[0]"),
+    Placement("after_a_valid_part", lambda p, v: _users([v, p]), "messages[0].content[1]"),
+    Placement(
+        "system_alone",
+        lambda p, v: [{"role": "system", "content": [p]}, *_users("hi")],
+        "messages[0].content[0]",
+    ),
+    Placement(
+        "later_user_message_first",
+        lambda p, v: [*_users([TEXT, v]), {"role": "system", "content": "ok"}, *_users([p, MORE])],
+        "messages[2].content[0]",
+    ),
+    Placement(
+        "assistant_middle",
+        lambda p, v: [
+            *_users("hi"),
+            {"role": "assistant", "content": [TEXT, p, MORE]},
+            *_users("go on"),
+        ],
+        "messages[1].content[1]",
+    ),
+    Placement(
+        "tool_alone",
+        lambda p, v: [
+            *_users("hi"),
+            {"role": "assistant", "content": "calling"},
+            {"role": "tool", "content": [p], "tool_call_id": "call_1"},
+        ],
+        "messages[2].content[0]",
+    ),
+]
+
+PART_CASES: list[Case] = [
+    c for c in CASES if part_of(c, 8, torch.zeros(2, 8)) is not None
+]  # fmt: skip

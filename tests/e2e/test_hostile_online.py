@@ -14,7 +14,7 @@ import pytest
 import requests
 from chat_cases import CASES as CHATS
 from chat_cases import as_text, render
-from hostile_cases import CASES, WHERE
+from hostile_cases import CASES, PART_CASES, PLACEMENTS, WHERE, Placement, part_of
 
 pytestmark = pytest.mark.e2e
 
@@ -48,6 +48,39 @@ def hostile_outcome(response: requests.Response, case) -> str | None:
     return message
 
 
+def placement_failures(send, placement: Placement, table, width: int) -> list[str]:
+    """Send every part case of the table at ``placement``; return what went wrong.
+
+    ``send(messages)`` answers with ``(status, message)``: 200 with None, or the error code
+    and message. A bad part must get its case's message naming the part's place, wherever it
+    sits; a valid one must be served there.
+    """
+    rows = table.rows(" 1 + 2")
+    valid = table.part(" 1 + 2")
+    failures = []
+    for case in PART_CASES:
+        status, message = send(placement.build(part_of(case, width, rows), valid))
+        if case.expect is None:
+            ok = status == 200
+        else:
+            ok = status == 400 and bool(template_regex(case.expect).match(message or ""))
+            if ok and "{where}" in case.expect:
+                ok = placement.where in (message or "")
+        if not ok:
+            failures.append(f"{case.name}: {status} {message!r}")
+    return failures
+
+
+def chat_send(server):
+    def send(messages):
+        response = post(server, messages, max_tokens=1)
+        if response.status_code == 200:
+            return 200, None
+        return response.status_code, response.json().get("error", {}).get("message")
+
+    return send
+
+
 @pytest.fixture(scope="module")
 def width(table):
     return int(table.weight.shape[1])
@@ -61,6 +94,14 @@ def test_hostile_case(plugin_server, table, width, case):
         return
     if "{where}" in case.expect and case.name.startswith(("not_", "data_", "nan", "inf")):
         assert message.startswith(WHERE), message
+    assert plugin_server.healthy()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=[p.name for p in PLACEMENTS])
+def test_every_bad_part_at_every_place(plugin_server, table, width, placement):
+    """Each part case first, middle, last, alone, beside text or a valid part, in any role:
+    always our message naming that place (a malformed first part once got pydantic's dump)."""
+    assert placement_failures(chat_send(plugin_server), placement, table, width) == []
     assert plugin_server.healthy()
 
 

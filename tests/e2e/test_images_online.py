@@ -31,7 +31,9 @@ from conftest import (
     server_env,
     tensor_b64,
 )
+from hostile_cases import TEXT, Placement
 from PIL import Image
+from test_hostile_online import chat_send, placement_failures
 from vllm.exceptions import VLLMValidationError
 
 from vllm_chat_embeds import errors
@@ -181,6 +183,28 @@ def test_bad_parts_beside_an_image_get_a_400_and_the_server_stays_healthy(vlm_se
     assert content(chat(vlm_server, render(case, vlm_table.part))) == content(
         chat(vlm_server, as_text(case))
     )
+
+
+IMAGE_PLACEMENTS = [
+    Placement(
+        "first_before_an_image",
+        lambda p, v: [{"role": "user", "content": [p, image_part("red"), TEXT]}],
+        "messages[0].content[0]",
+    ),
+    Placement(
+        "after_an_image_and_a_valid_part",
+        lambda p, v: [{"role": "user", "content": [image_part("blue"), v, p]}],
+        "messages[0].content[2]",
+    ),
+]
+
+
+@pytest.mark.parametrize("placement", IMAGE_PLACEMENTS, ids=[p.name for p in IMAGE_PLACEMENTS])
+def test_every_bad_part_beside_an_image(vlm_server, vlm_table, placement):
+    """The placed hostile table beside an image: our message naming the part's place."""
+    width = int(vlm_table.weight.shape[1])
+    assert placement_failures(chat_send(vlm_server), placement, vlm_table, width) == []
+    assert vlm_server.healthy()
 
 
 def test_other_media_beside_parts_are_refused_by_name():

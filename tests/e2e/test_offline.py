@@ -6,6 +6,8 @@ import pytest
 import torch
 from chat_cases import CASES, STRING_CONTENT, as_text, render
 from conftest import tensor_b64
+from hostile_cases import PLACEMENTS
+from test_hostile_online import placement_failures
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
@@ -91,3 +93,19 @@ def test_generate_embeds_prompt_with_mismatched_ids_is_refused(offline_llm, tabl
     with pytest.raises(VLLMValidationError) as info:
         offline_llm.generate(prompt, GREEDY, use_tqdm=False)
     assert info.value.args[0] == errors.IDS_LENGTH.format(ids=rows.shape[0] + 1, rows=rows.shape[0])
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS, ids=[p.name for p in PLACEMENTS])
+def test_every_bad_part_at_every_place_offline(offline_llm, table, placement):
+    """The placed hostile table through ``LLM.chat()``: our message naming the part's place."""
+    one_token = SamplingParams(temperature=0.0, max_tokens=1)
+
+    def send(messages):
+        try:
+            offline_llm.chat(messages, one_token, use_tqdm=False)
+        except VLLMValidationError as exc:
+            return 400, str(exc.args[0])
+        return 200, None
+
+    width = int(table.weight.shape[1])
+    assert placement_failures(send, placement, table, width) == []

@@ -14,7 +14,8 @@ import pytest
 import requests
 from conftest import TEST_SERVER_ARGS, Server, run_server, server_env, tensor_b64
 from hostile_cases import CASES as HOSTILE
-from test_hostile_online import hostile_outcome
+from hostile_cases import PLACEMENTS, Placement
+from test_hostile_online import hostile_outcome, placement_failures
 
 from vllm_chat_embeds import errors
 
@@ -233,6 +234,31 @@ def test_hostile_case_through_responses(server, table, case):
     message = hostile_outcome(post(server, items), case)
     if message is not None and "{where}" in case.expect:
         assert message.startswith("input["), message
+    assert server.healthy()
+
+
+RESPONSES_PLACEMENTS = [
+    p for p in PLACEMENTS if hostile_input(p.build({"type": "prompt_embeds"}, {})) is not None
+]
+
+
+@pytest.mark.parametrize(
+    "placement", RESPONSES_PLACEMENTS, ids=[p.name for p in RESPONSES_PLACEMENTS]
+)
+def test_every_bad_part_at_every_place_through_responses(server, table, placement):
+    """The placed hostile table (user and system messages): our message naming ``input[..]``."""
+
+    def send(messages):
+        items = hostile_input(messages)
+        response = post(server, items, max_output_tokens=1)
+        if response.status_code == 200:
+            return 200, None
+        return response.status_code, response.json().get("error", {}).get("message")
+
+    where = placement.where.replace("messages[", "input[")
+    located = Placement(placement.name, placement.build, where)
+    width = int(table.weight.shape[1])
+    assert placement_failures(send, located, table, width) == []
     assert server.healthy()
 
 

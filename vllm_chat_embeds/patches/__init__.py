@@ -84,6 +84,21 @@ MANIFEST: Final = (
         why="/v1/responses input messages may hold prompt_embeds parts (schema widened)",
     ),
     Patch(
+        name="entrypoints_openai_chat_completion_protocol",
+        target="vllm.entrypoints.openai.chat_completion.protocol",
+        attributes=(
+            "ChatCompletionRequest._normalize_messages_before",
+            "BatchChatCompletionRequest.check_batch_mode",
+        ),
+        why="chat messages validate with prompt_embeds parts stood in for (our errors, any place)",
+    ),
+    Patch(
+        name="entrypoints_serve_tokenize_protocol",
+        target="vllm.entrypoints.serve.tokenize.protocol",
+        attributes=("TokenizeChatRequest.check_generation_prompt",),
+        why="/tokenize chat messages validate with prompt_embeds parts stood in for",
+    ),
+    Patch(
         name="renderers_online_renderer",
         target="vllm.renderers.online_renderer",
         attributes=("OnlineRenderer._render_responses_with_harmony",),

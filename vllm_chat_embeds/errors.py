@@ -14,7 +14,7 @@ from vllm.exceptions import VLLMValidationError
 PART_WHERE: Final = "messages[{msg}].content[{part}]"
 
 NOT_ENABLED: Final = (
-    "{where}: prompt_embeds content parts need the server started with "
+    "{where}: prompt_embeds parts need the server started with "
     "--enable-prompt-embeds (offline: LLM(..., enable_prompt_embeds=True))."
 )
 UNKNOWN_KEYS: Final = (
@@ -24,30 +24,47 @@ DATA_MISSING: Final = (
     "{where}: a prompt_embeds part needs a 'data' field holding base64 of torch.save(tensor)."
 )
 DATA_WRONG_TYPE: Final = (
-    "{where}.data must be a base64 string (or, offline, a torch.Tensor); got {got}."
+    "{where}.data of a prompt_embeds part must be a base64 string (or, offline, a "
+    "torch.Tensor); got {got}."
 )
-DATA_EMPTY: Final = "{where}.data is empty."
+DATA_EMPTY: Final = "{where}.data of a prompt_embeds part is empty."
 UNKNOWN_ENCODING: Final = (
-    "{where}.encoding must be one of 'torch', 'raw', 'safetensors'; got {got}."
+    "{where}.encoding of a prompt_embeds part must be one of 'torch', 'raw', 'safetensors'; "
+    "got {got}."
 )
 ENCODING_DISABLED: Final = (
-    "{where}.encoding {got!r} is disabled on this server (CHAT_EMBEDS_ENCODINGS={allowed})."
+    "{where}.encoding {got!r} of a prompt_embeds part is disabled on this server "
+    "(CHAT_EMBEDS_ENCODINGS={allowed})."
 )
-RAW_ONLY_FIELDS: Final = "{where}: 'dtype' and 'shape' apply to encoding 'raw' only."
-RAW_MISSING_FIELD: Final = "{where}.{field} is required with encoding 'raw'."
-RAW_BAD_DTYPE: Final = "{where}.dtype must be one of 'float32', 'float16', 'bfloat16'; got {got}."
+RAW_ONLY_FIELDS: Final = (
+    "{where}: 'dtype' and 'shape' of a prompt_embeds part apply to encoding 'raw' only."
+)
+RAW_MISSING_FIELD: Final = (
+    "{where}.{field} is required in a prompt_embeds part with encoding 'raw'."
+)
+RAW_BAD_DTYPE: Final = (
+    "{where}.dtype of a prompt_embeds part must be one of 'float32', 'float16', 'bfloat16'; "
+    "got {got}."
+)
 RAW_BAD_SHAPE: Final = (
-    "{where}.shape must be [num_rows, {width}] with non-negative integers; got {got}."
+    "{where}.shape of a prompt_embeds part must be [num_rows, {width}] with non-negative "
+    "integers; got {got}."
 )
 RAW_LENGTH: Final = (
-    "{where}.data holds {got} base64 characters, but shape {shape} in {dtype} is {nbytes} "
+    "{where}.data of a prompt_embeds part holds {got} base64 characters, but shape {shape} "
+    "in {dtype} is {nbytes} "
     "bytes, which is {expected} base64 characters."
 )
-SAFETENSORS_BAD: Final = "{where}.data is not a valid safetensors file ({reason})."
-SAFETENSORS_COUNT: Final = "{where}.data must hold exactly one tensor; it holds {count}."
-NOT_BASE64: Final = "{where}.data is not valid base64 ({reason})."
+SAFETENSORS_BAD: Final = (
+    "{where}.data of a prompt_embeds part is not a valid safetensors file ({reason})."
+)
+SAFETENSORS_COUNT: Final = (
+    "{where}.data of a prompt_embeds part must hold exactly one tensor; it holds {count}."
+)
+NOT_BASE64: Final = "{where}.data of a prompt_embeds part is not valid base64 ({reason})."
 TOO_MANY_BYTES: Final = (
-    "{where}.data decodes to {size} bytes, over the limit of {limit} bytes per part "
+    "{where}.data of a prompt_embeds part decodes to {size} bytes, over the limit of {limit} "
+    "bytes per part "
     "(CHAT_EMBEDS_MAX_PART_BYTES)."
 )
 TOO_MANY_REQUEST_BYTES: Final = (
@@ -55,23 +72,34 @@ TOO_MANY_REQUEST_BYTES: Final = (
     "per request (CHAT_EMBEDS_MAX_REQUEST_BYTES)."
 )
 NOT_A_TENSOR_FILE: Final = (
-    "{where}.data is not a tensor saved with torch.save (weights-only load failed: {reason})."
+    "{where}.data of a prompt_embeds part is not a tensor saved with torch.save (weights-only "
+    "load failed: {reason})."
 )
-NOT_A_TENSOR: Final = "{where}.data holds a {got}, not a torch.Tensor."
+NOT_A_TENSOR: Final = "{where}.data of a prompt_embeds part holds a {got}, not a torch.Tensor."
 BAD_LAYOUT: Final = (
-    "{where}.data holds a {layout} tensor; only dense (torch.strided) tensors are accepted."
+    "{where}.data of a prompt_embeds part holds a {layout} tensor; only dense (torch.strided) "
+    "tensors are accepted."
 )
-META_TENSOR: Final = "{where}.data holds a meta tensor (a shape without data)."
+META_TENSOR: Final = (
+    "{where}.data of a prompt_embeds part holds a meta tensor (a shape without data)."
+)
 BAD_NDIM: Final = (
-    "{where}.data must be a 2-D tensor of shape (num_rows, {width}); got shape {shape}."
+    "{where}.data of a prompt_embeds part must be a 2-D tensor of shape (num_rows, {width}); "
+    "got shape {shape}."
 )
-BAD_WIDTH: Final = "{where}.data has width {got}; this model's input embeddings are {width} wide."
+BAD_WIDTH: Final = (
+    "{where}.data of a prompt_embeds part has width {got}; this model's input embeddings are "
+    "{width} wide."
+)
 BAD_DTYPE: Final = (
-    "{where}.data has dtype {dtype}; only floating-point tensors (float32, float16, "
+    "{where}.data of a prompt_embeds part has dtype {dtype}; only floating-point tensors "
+    "(float32, float16, "
     "bfloat16, float64) are accepted."
 )
-ZERO_ROWS: Final = "{where}.data has 0 rows; a prompt_embeds part needs at least one row."
-NOT_FINITE: Final = "{where}.data contains NaN or infinite values."
+ZERO_ROWS: Final = (
+    "{where}.data of a prompt_embeds part has 0 rows; a prompt_embeds part needs at least one row."
+)
+NOT_FINITE: Final = "{where}.data of a prompt_embeds part contains NaN or infinite values."
 TOO_MANY_PARTS: Final = (
     "The request has {count} prompt_embeds parts, over the limit of {limit} "
     "(CHAT_EMBEDS_MAX_PARTS)."
@@ -81,8 +109,8 @@ TOO_MANY_ROWS: Final = (
     "(CHAT_EMBEDS_MAX_ROWS, capped by the model's context length)."
 )
 RESERVED_TEXT: Final = (
-    "{where} contains the reserved string {token!r}, which this server uses to mark "
-    "prompt_embeds positions; remove it from the text."
+    "{where} contains the reserved string {token!r}, which this server uses to mark the rows "
+    "of a prompt_embeds part; remove it from the text."
 )
 PART_DROPPED: Final = (
     "The chat template did not render {where} (a prompt_embeds part); the template drops "
@@ -99,7 +127,7 @@ MARKER_MERGED: Final = (
     "text around it, so its place in the prompt cannot be determined safely."
 )
 SPANS_CUT: Final = (
-    "The tokenized prompt holds {found} prompt_embeds positions but the parts need "
+    "The tokenized prompt holds {found} prompt_embeds positions but the prompt_embeds parts need "
     "{expected}; truncation (truncate_prompt_tokens) would cut a prompt_embeds part."
 )
 WITH_MULTIMODAL: Final = (

@@ -139,7 +139,7 @@ def bad_part_cases(table) -> dict[str, tuple[dict[str, Any], str]]:
         "missing_data": ({"type": "prompt_embeds"}, errors.DATA_MISSING.format(where=where)),
         "bad_base64": (
             {"type": "prompt_embeds", "data": "not base64!"},
-            f"{where}.data is not valid base64",
+            errors.NOT_BASE64.split("(")[0].format(where=where),
         ),
         "wrong_width": (
             {"type": "prompt_embeds", "data": tensor_b64(rows[:, :-1].contiguous())},

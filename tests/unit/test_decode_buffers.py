@@ -110,7 +110,7 @@ def test_bad_base64_in_a_later_chunk_is_named(fresh_pool: BufferPool) -> None:
     ):
         with pytest.raises(VLLMValidationError) as info:
             decode(bad)
-        assert info.value.args[0].startswith(f"{WHERE}.data is not valid base64")
+        assert info.value.args[0].startswith(errors.NOT_BASE64.split("(")[0].format(where=WHERE))
     assert decode(data) is not None  # the pool still works afterwards
 
 

@@ -52,3 +52,16 @@ def test_reject_call_passes_every_field(call: tuple[str, int, str, set[str] | No
     template = getattr(errors, constant)
     if names is not None:
         assert needed_fields(template) <= names, f"missing {needed_fields(template) - names}"
+
+
+def test_every_message_naming_a_place_says_prompt_embeds_part() -> None:
+    """A log line alone must say what kind of content it is about."""
+    unclear = [
+        name
+        for name in dir(errors)
+        if name.isupper()
+        and isinstance(value := getattr(errors, name), str)
+        and "{where}" in value
+        and "prompt_embeds part" not in value
+    ]
+    assert unclear == []

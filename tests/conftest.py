@@ -198,10 +198,15 @@ def lora_adapters(tiny_model: Path) -> dict[str, Path]:
     }  # fmt: skip
 
 
+# feature_server keeps this many bytes of parts by uuid, so tests can reach eviction.
+REFERENCE_TEST_BYTES = 128 * 1024
+
+
 @pytest.fixture(scope="session")
 def feature_server(tiny_model: Path, lora_adapters: dict, vllm_cache_root: str):
     """One plugin server carrying the vLLM features parts are combined with: LoRA adapters,
-    auto tool choice with the hermes parser, prefix caching with prompt-token details.
+    auto tool choice with the hermes parser, prefix caching with prompt-token details, and a
+    small store of parts by uuid (``REFERENCE_TEST_BYTES``).
 
     Why one: each server start costs 20-40 s of the suite's 15-minute budget.
     """
@@ -213,7 +218,8 @@ def feature_server(tiny_model: Path, lora_adapters: dict, vllm_cache_root: str):
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
         "--enable-prefix-caching",
     ]  # fmt: skip
-    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root)
+    extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_TEST_BYTES)}
+    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     with run_server(tiny_model, *args, env=env) as server:
         yield server
 

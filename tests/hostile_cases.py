@@ -19,6 +19,9 @@ import torch
 from vllm_chat_embeds import errors
 
 WHERE = "messages[0].content[1]"
+# A uuid no test ever sends with data, and one the valid uuid case keeps.
+NEVER_SENT = "hostile-never-sent-b6f0c1d2"
+KEPT = "hostile-kept-5e1a9c07"
 
 
 def b64(obj: Any) -> str:
@@ -99,7 +102,21 @@ CASES: list[Case] = [
     Case("data_null", lambda w, r: user(embeds(None)), errors.DATA_MISSING),
     Case("data_number", lambda w, r: user(embeds(42)), errors.DATA_WRONG_TYPE),
     Case("data_empty", lambda w, r: user(embeds("")), errors.DATA_EMPTY),
-    Case("unknown_key_uuid", lambda w, r: user(embeds(b64(r), uuid="abc")), errors.UNKNOWN_KEYS),
+    Case("unknown_key", lambda w, r: user(embeds(b64(r), ref="abc")), errors.UNKNOWN_KEYS),
+    # Parts by reference: the uuid must be a short non-empty string; one never sent is a 400.
+    Case("uuid_number", lambda w, r: user(embeds(b64(r), uuid=42)), errors.UUID_WRONG_TYPE),
+    Case("uuid_list", lambda w, r: user(embeds(b64(r), uuid=["a"])), errors.UUID_WRONG_TYPE),
+    Case("uuid_object", lambda w, r: user(embeds(None, uuid={"a": 1})), errors.UUID_WRONG_TYPE),
+    Case("uuid_empty", lambda w, r: user(embeds(b64(r), uuid="")), errors.UUID_EMPTY),
+    Case("uuid_empty_alone", lambda w, r: user(embeds(None, uuid="")), errors.UUID_EMPTY),
+    Case("uuid_huge", lambda w, r: user(embeds(b64(r), uuid="u" * 10**6)), errors.UUID_TOO_LONG),
+    Case("uuid_long", lambda w, r: user(embeds(None, uuid="u" * 257)), errors.UUID_TOO_LONG),
+    Case(
+        "uuid_unknown",
+        lambda w, r: user({"type": "prompt_embeds", "uuid": NEVER_SENT}),
+        errors.REFERENCE_UNKNOWN,
+    ),
+    Case("uuid_with_data_control", lambda w, r: user(embeds(b64(r), uuid=KEPT)), None),
     Case(
         "more_rows_than_context",
         lambda w, r: user(embeds(b64(r[:1].repeat(1100, 1)))),

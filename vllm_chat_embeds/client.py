@@ -129,3 +129,108 @@ def prompt_embeds_part(
         data = base64.b64encode(payload).decode()
         return {"type": "prompt_embeds", "encoding": "safetensors", "data": data}
     raise ValueError(f"encoding must be 'raw', 'safetensors' or 'torch'; got {encoding!r}")
+
+
+# -- parts by reference: send a part's data once, its uuid afterwards -----------------------------
+
+# The markers of the server's "send the data again" answers (``errors.REFERENCE_UNKNOWN_CODE``
+# and ``errors.REFERENCES_OFF_CODE``), repeated here so this module needs no vLLM.
+REFERENCE_UNKNOWN_CODE: Final = "prompt_embeds_reference_unknown"
+REFERENCES_OFF_CODE: Final = "prompt_embeds_references_off"
+
+
+def is_reference_miss(error: object) -> bool:
+    """Whether an error (an ``openai.BadRequestError``, a response text, ...) is the server
+    saying it does not hold a part sent by uuid alone, so the request should be resent with
+    its data."""
+    return REFERENCE_UNKNOWN_CODE in str(error)
+
+
+class Conversation:
+    """Sends each prompt_embeds part's data once, and only its ``uuid`` in later requests.
+
+    Chat clients resend the whole history every turn; with this helper a large part sent in
+    turn 1 costs a few bytes in every later turn. Keep the full parts (with ``data``) in your
+    messages as usual and send them through ``send``: once a request carrying a part's data
+    succeeded, later requests carry that part's ``uuid`` alone. If the server answers that it
+    does not hold a uuid (evicted, restarted, another API server process), ``send`` resends
+    that request once with every part's data. If the server keeps no references at all, the
+    conversation sends data from then on. One conversation per client thread.
+
+    ``part`` builds a part with a fresh random uuid; any part you build with a ``uuid`` and
+    ``data`` works the same. Uuids must be unguessable: any client that knows one can use its
+    rows on that server.
+    """
+
+    def __init__(self) -> None:
+        self.sent: set[str] = set()  # uuids whose data a successful request carried
+        self.references = True  # False once the server said it keeps none
+        self.resends = 0  # requests resent with data after a miss
+
+    @staticmethod
+    def part(
+        embeddings: Any, *, encoding: Encoding = "raw", dtype: WireDtype | None = None
+    ) -> dict[str, Any]:
+        """``prompt_embeds_part(...)`` with a fresh random ``uuid``."""
+        import uuid
+
+        return {
+            **prompt_embeds_part(embeddings, encoding=encoding, dtype=dtype),
+            "uuid": uuid.uuid4().hex,
+        }
+
+    def outgoing(self, messages: Any) -> Any:
+        """``messages`` (chat messages or Responses ``input``) as this conversation sends them:
+        parts whose data the server already got carry their uuid alone."""
+        if not self.references:
+            return messages
+        return _map_parts(messages, self._strip)
+
+    def _strip(self, part: dict[str, Any]) -> dict[str, Any]:
+        if part.get("uuid") in self.sent and part.get("data") is not None:
+            return {"type": part["type"], "uuid": part["uuid"]}
+        return part
+
+    def record(self, messages: Any) -> None:
+        """Note that a request carrying ``messages`` (with data) succeeded."""
+        _map_parts(messages, self._note)
+
+    def _note(self, part: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(part.get("uuid"), str) and part.get("data") is not None:
+            self.sent.add(part["uuid"])
+        return part
+
+    def send(self, create: Any, *, messages: Any = None, input: Any = None, **kwargs: Any) -> Any:
+        """``create(messages=..., **kwargs)`` (or ``input=...`` for /v1/responses), e.g.
+        ``conversation.send(client.chat.completions.create, model=m, messages=messages)``.
+
+        ``create`` raises on an error answer, as the ``openai`` client does; a miss (see
+        ``is_reference_miss``) is retried once with data, anything else propagates.
+        """
+        key, full = ("input", input) if messages is None else ("messages", messages)
+        wire = self.outgoing(full)
+        try:
+            result = create(**{key: wire}, **kwargs)
+        except Exception as exc:  # the client's own error type; only a miss is handled
+            if wire is full or not is_reference_miss(exc):
+                raise
+            if REFERENCES_OFF_CODE in str(exc):
+                self.references = False
+            self.resends += 1
+            result = create(**{key: full}, **kwargs)
+        self.record(full)
+        return result
+
+
+def _map_parts(value: Any, change: Any) -> Any:
+    """``value`` with ``change(part)`` in place of each prompt_embeds part (copies only what
+    changes)."""
+    if isinstance(value, dict):
+        if value.get("type") == "prompt_embeds":
+            return change(value)
+        changed = {k: _map_parts(v, change) for k, v in value.items()}
+        return value if all(changed[k] is value[k] for k in value) else changed
+    if isinstance(value, list):
+        items = [_map_parts(v, change) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value

@@ -167,6 +167,28 @@ UNSUPPORTED_VLLM: Final = (
 )
 
 
+# -- parts by reference: a part's ``uuid`` (stores/references.py) --------------------------------
+# Every "send the data again" answer carries REFERENCE_UNKNOWN_CODE, so clients can resend
+# automatically; one of a server that keeps no references also carries REFERENCES_OFF_CODE.
+REFERENCE_UNKNOWN_CODE: Final = "prompt_embeds_reference_unknown"
+REFERENCES_OFF_CODE: Final = "prompt_embeds_references_off"
+UUID_WRONG_TYPE: Final = "{where}.uuid must be a string naming the prompt_embeds part; got {got}."
+UUID_EMPTY: Final = "{where}.uuid is empty; a prompt_embeds part's uuid must be a non-empty string."
+UUID_TOO_LONG: Final = (
+    "{where}.uuid is {length} characters long, over the limit of {limit} for a prompt_embeds "
+    "part's uuid."
+)
+REFERENCE_UNKNOWN: Final = (
+    "{where}: prompt_embeds_reference_unknown: this server holds no rows for the prompt_embeds "
+    "part with uuid {uuid!r} (never sent here, evicted, or sent to another server process); "
+    "send the part again with its data."
+)
+REFERENCES_OFF: Final = (
+    "{where}: prompt_embeds_reference_unknown: this server keeps no prompt_embeds parts by uuid "
+    "(prompt_embeds_references_off, CHAT_EMBEDS_REFERENCE_BYTES=0); send the part with its data."
+)
+
+
 def reject(template: str, parameter: str | None = None, **fields: object) -> NoReturn:
     """Raise the 400 error vLLM's entrypoints turn into a JSON error response.
 

@@ -18,6 +18,7 @@ ENV_DROPPED_PARTS: Final = "CHAT_EMBEDS_DROPPED_PARTS"
 ENV_ENCODINGS: Final = "CHAT_EMBEDS_ENCODINGS"
 ENV_COMPACT: Final = "CHAT_EMBEDS_COMPACT"
 ENV_DECODE_POOL_BYTES: Final = "CHAT_EMBEDS_DECODE_POOL_BYTES"
+ENV_REFERENCE_BYTES: Final = "CHAT_EMBEDS_REFERENCE_BYTES"
 ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
 
 DEFAULT_MAX_PARTS: Final = 64
@@ -25,6 +26,7 @@ DEFAULT_MAX_ROWS: Final = 32768
 DEFAULT_MAX_PART_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES: Final = 512 * 1024 * 1024
 DEFAULT_DECODE_POOL_BYTES: Final = 256 * 1024 * 1024
+DEFAULT_REFERENCE_BYTES: Final = 512 * 1024 * 1024
 
 DroppedPolicy = Literal["error", "warn"]
 
@@ -53,6 +55,7 @@ class Limits:
     encodings: frozenset[str] = frozenset(ALL_ENCODINGS)
     compact: bool = True  # send embedding rows only (False: dense, as the built-in)
     decode_pool_bytes: int = DEFAULT_DECODE_POOL_BYTES  # reused decode buffers; 0: none
+    reference_bytes: int = DEFAULT_REFERENCE_BYTES  # rows kept by uuid (stores/references); 0: off
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -68,6 +71,7 @@ class Limits:
             encodings=_encodings_env(),
             compact=os.environ.get(ENV_COMPACT, "1").strip().lower() not in ("0", "false", "no"),
             decode_pool_bytes=_int_env(ENV_DECODE_POOL_BYTES, DEFAULT_DECODE_POOL_BYTES, minimum=0),
+            reference_bytes=_int_env(ENV_REFERENCE_BYTES, DEFAULT_REFERENCE_BYTES, minimum=0),
         )
 
 

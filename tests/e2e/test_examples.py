@@ -101,3 +101,22 @@ def test_offline_example_tensor_raw_torch_and_text_agree(tiny_model: Path, tmp_p
     assert answers["tensor"], "the model must generate something"
     assert answers["tensor"] == answers["raw"] == answers["torch"] == answers["text"]
     assert len(set(prompt_tokens.values())) == 1, prompt_tokens
+
+
+def test_multi_turn_example_by_reference_matches_text(plugin_server, tiny_model: Path):
+    """The part goes once with data, then by uuid; every turn answers as the text chat."""
+    found = run_example(
+        "multi_turn_chat.py",
+        "--model-dir", str(tiny_model),
+        "--base-url", plugin_server.base_url + "/v1",
+        "--model", plugin_server.model,
+        *TINY_ARGS,
+        "--turns", "3",
+        "--compare",
+    )  # fmt: skip
+    answers, prompt_tokens = found["answer"], found["prompt_tokens"]
+    assert set(answers) == {f"{kind}_turn{t}" for kind in ("embeds", "text") for t in (1, 2, 3)}
+    for turn in (1, 2, 3):
+        assert answers[f"embeds_turn{turn}"] == answers[f"text_turn{turn}"], found
+        assert prompt_tokens[f"embeds_turn{turn}"] == prompt_tokens[f"text_turn{turn}"]
+    assert answers["text_turn1"], "the model must generate something"

@@ -216,3 +216,22 @@ def test_other_media_beside_parts_are_refused_by_name():
     message = errors.WITH_MULTIMODAL.format(modalities="audio, video", mode="hf")
     with pytest.raises(VLLMValidationError, match=re.escape(message)):
         _check_media({"image": [object()], "audio": [object()], "video": [object()]})
+
+
+def test_parts_by_reference_beside_images(vlm_server, vlm_table):
+    """Parts sent once under a uuid, then by uuid alone beside images: the same answer as
+    text, and as the data (the rows' content hash, kept beside them, keys the cache)."""
+    case = CASES["two_messages"]
+    reference = chat(vlm_server, as_text(case))
+    tag = f"vlm-{torch.randint(0, 2**62, ()).item():x}-"
+
+    def sent(text: str) -> dict[str, Any]:
+        return {**vlm_table.part(text), "uuid": tag + text}
+
+    assert content(chat(vlm_server, render(case, sent))) == content(reference)
+    for _ in range(2):  # the second time, the rows' hash is the one kept beside them
+        by_uuid = chat(
+            vlm_server, render(case, lambda t: {"type": "prompt_embeds", "uuid": tag + t})
+        )
+        assert content(by_uuid) == content(reference)
+        assert by_uuid["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]

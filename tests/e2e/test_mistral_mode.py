@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,3 +263,17 @@ def test_offline_llm_chat_in_mistral_mode(mistral_model, tekken_table, vllm_cach
     out = json.loads(line.removeprefix("RESULT "))
     assert out["text"], "the model must generate something"
     assert out["base64"] == out["tensor"] == out["text"]
+
+
+def test_parts_by_reference(mistral_server, tekken_table):
+    """Mode mistral: a part's data once under a uuid, then the uuid alone; same as text."""
+    case = CASES["interleaved"]
+    reference = chat(mistral_server, as_text(case), return_token_ids=True)
+    tag = uuidlib.uuid4().hex
+
+    def sent(text: str) -> dict:
+        return {**tekken_table.part(text), "uuid": tag + text}
+
+    assert_same(reference, chat(mistral_server, render(case, sent), return_token_ids=True))
+    by_uuid = render(case, lambda text: {"type": "prompt_embeds", "uuid": tag + text})
+    assert_same(reference, chat(mistral_server, by_uuid, return_token_ids=True))

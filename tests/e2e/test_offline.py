@@ -109,3 +109,30 @@ def test_every_bad_part_at_every_place_offline(offline_llm, table, placement):
 
     width = int(table.weight.shape[1])
     assert placement_failures(send, placement, table, width) == []
+
+
+@pytest.mark.parametrize("form", ["tensor", "base64"])
+def test_offline_parts_by_reference(offline_llm, table, form):
+    """LLM.chat(): a part's data once under a uuid, then the uuid alone; same tokens as text.
+    A tensor the caller changes afterwards does not change the kept rows."""
+    case = CASES["multi_turn"]
+    tag = f"offline-{form}-"
+    given: list[torch.Tensor] = []
+
+    def sent(text):
+        rows = table.rows(text)
+        given.append(rows)
+        data = rows if form == "tensor" else tensor_b64(rows)
+        return {"type": "prompt_embeds", "data": data, "uuid": tag + text}
+
+    reference = generate(offline_llm, as_text(case))
+    assert generate(offline_llm, render(case, sent)) == reference
+    for rows in given:
+        rows.fill_(3.0)
+    by_uuid = render(case, lambda text: {"type": "prompt_embeds", "uuid": tag + text})
+    assert generate(offline_llm, by_uuid) == reference
+    unknown = [{"role": "user", "content": [{"type": "prompt_embeds", "uuid": tag + "nope"}]}]
+    with pytest.raises(VLLMValidationError) as info:
+        offline_llm.chat(unknown, GREEDY, use_tqdm=False)
+    where = "messages[0].content[0]"
+    assert info.value.args[0] == errors.REFERENCE_UNKNOWN.format(where=where, uuid=tag + "nope")

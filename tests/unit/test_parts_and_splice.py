@@ -156,11 +156,11 @@ def test_not_enabled_names_the_first_part() -> None:
 
 
 def test_unknown_keys_are_rejected() -> None:
-    part = {**embeds(block(1, 0)), "uuid": "abc", "cache": True}
+    part = {**embeds(block(1, 0)), "ref": "abc", "cache": True}
     messages = [{"role": "user", "content": [text("a"), part]}]
     message = rejected(extract, messages)
     assert message == errors.UNKNOWN_KEYS.format(
-        where=where(0, 1), keys=["cache", "uuid"], allowed=sorted(ALLOWED_KEYS)
+        where=where(0, 1), keys=["cache", "ref"], allowed=sorted(ALLOWED_KEYS)
     )
 
 

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import torch
 
@@ -23,9 +23,10 @@ from ..errors import reject
 from ..limits import Limits
 from ..payload import PayloadSpec, decode_payload
 from ..placeholder import PLACEHOLDER_TOKEN
+from ..stores import references
 
 PART_TYPE: Final = "prompt_embeds"
-ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape"})
+ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape", "uuid"})
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,73 @@ def _check_keys(part: Mapping[str, Any], where: str) -> object:
     extra = sorted(str(k) for k in part if k not in ALLOWED_KEYS)
     if extra:
         reject(errors.UNKNOWN_KEYS, where=where, keys=extra, allowed=sorted(ALLOWED_KEYS))
-    if "data" not in part or part["data"] is None:
+    uuid = _uuid(part, where)  # checked before anything is decoded
+    data = part.get("data")
+    if data is None and uuid is None:
         reject(errors.DATA_MISSING, where=where)
-    return part["data"]
+    return data
+
+
+def _uuid(part: Mapping[str, Any], where: str) -> str | None:
+    """The part's ``uuid``: None when absent or null, else a non-empty string of bounded size."""
+    uuid = part.get("uuid")
+    if uuid is None:
+        return None
+    if not isinstance(uuid, str):
+        reject(errors.UUID_WRONG_TYPE, where=where, got=type(uuid).__name__)
+    if not uuid:
+        reject(errors.UUID_EMPTY, where=where)
+    if len(uuid) > references.MAX_UUID_CHARS:
+        reject(errors.UUID_TOO_LONG, where=where, length=len(uuid), limit=references.MAX_UUID_CHARS)
+    return uuid
+
+
+def _resolve_rows(
+    located: list[_Slot], payloads: list[object], messages: Sequence[Any], spec: PayloadSpec
+) -> list[torch.Tensor]:
+    """Each part's rows: decoded from its ``data``, or kept under its ``uuid`` from before.
+
+    Parts with data come first (in order), so a uuid sent with data anywhere in this request
+    names those rows for the whole request; they are kept once all of them decoded.
+    """
+    store = references.process_store()
+    rows: list[torch.Tensor | None] = [None] * len(located)
+    sent: dict[str, int] = {}  # uuid -> index of the last part sending its data
+    rows_left = spec.max_rows
+    for i, (slot, data) in enumerate(zip(located, payloads, strict=True)):
+        if data is None:
+            continue
+        part = slot.get(messages)
+        tensor = decode_payload(
+            data,
+            slot.where,
+            replace(spec, max_rows=rows_left),
+            encoding=part.get("encoding"),
+            dtype=part.get("dtype"),
+            shape=part.get("shape"),
+        )
+        rows_left -= int(tensor.shape[0])
+        rows[i] = tensor
+        uuid = _uuid(part, slot.where)
+        if uuid is not None:
+            sent[uuid] = i
+    for uuid, i in sent.items():
+        rows[i] = store.put(uuid, cast(torch.Tensor, rows[i]))
+    for i, slot in enumerate(located):
+        if rows[i] is not None:
+            continue
+        uuid = cast(str, _uuid(slot.get(messages), slot.where))
+        tensor = rows[sent[uuid]] if uuid in sent else store.get(uuid)
+        # Rows kept for another model in this process (offline) are no rows for this one.
+        if tensor is None or tensor.shape[1] != spec.width or tensor.dtype != spec.dtype:
+            if not store.enabled:
+                reject(errors.REFERENCES_OFF, where=slot.where)
+            reject(errors.REFERENCE_UNKNOWN, where=slot.where, uuid=uuid)
+        if int(tensor.shape[0]) > rows_left:
+            reject(errors.TOO_MANY_ROWS, where=slot.where, limit=spec.rows_limit)
+        rows_left -= int(tensor.shape[0])
+        rows[i] = tensor
+    return cast(list[torch.Tensor], rows)
 
 
 def extract_parts(
@@ -233,19 +298,9 @@ def extract_parts(
         reject(errors.TOO_MANY_REQUEST_BYTES, size=size, limit=limits.max_request_bytes)
 
     plan = EmbedsPlan(nonce=secrets.token_hex(8))
-    rows_left = spec.max_rows
     out = list(messages)
-    for index, (slot, data) in enumerate(zip(located, payloads, strict=True)):
-        part = slot.get(messages)
-        tensor = decode_payload(
-            data,
-            slot.where,
-            replace(spec, max_rows=rows_left),
-            encoding=part.get("encoding"),
-            dtype=part.get("dtype"),
-            shape=part.get("shape"),
-        )
-        rows_left -= int(tensor.shape[0])
+    tensors = _resolve_rows(located, payloads, messages, spec)
+    for index, (slot, tensor) in enumerate(zip(located, tensors, strict=True)):
         marker = _marker(plan.nonce, index)
         plan.parts.append(EmbedsPart(where=slot.where, marker=marker, tensor=tensor))
         m = slot.message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Final, cast
 
 import torch
@@ -29,6 +30,7 @@ from ..limits import DroppedPolicy
 from ..log import logger
 from ..patches.entrypoints_serve_tokenize_serving import note_embeds_rows
 from ..placeholder import PLACEHOLDER_TOKEN
+from ..stores.references import content_hash
 from .parts import EmbedsPlan
 
 EMBED_ROW_TOKEN_ID: Final = 0
@@ -135,6 +137,10 @@ def build_embeds_input(
     )
 
 
+def _rows_hash(hasher: MMHasherAlgorithm, rows: torch.Tensor) -> str:
+    return MultiModalHasher.hash_kwargs(hasher, **{EMBEDS_MODALITY: rows})
+
+
 def add_embeds_items(
     engine_input: MultiModalInput,
     spans: Sequence[torch.Tensor],
@@ -158,8 +164,9 @@ def add_embeds_items(
     for rows, start in zip(spans, starts, strict=True):
         field = MultiModalSharedField(batch_size=1)
         items.append(MultiModalKwargsItem({EMBEDS_ITEM_KEY: MultiModalFieldElem(rows, field)}))
-        # The encoder cache and prefix caching key on this: same rows, same key.
-        hashes.append(MultiModalHasher.hash_kwargs(hasher, **{EMBEDS_MODALITY: rows}))
+        # The encoder cache and prefix caching key on this: same rows, same key. Rows kept by
+        # uuid keep their hash beside them, so a reference is not hashed again.
+        hashes.append(content_hash(rows, f"mm:{hasher}", partial(_rows_hash, hasher)))
         ranges.append(PlaceholderRange(offset=start, length=int(rows.shape[0])))
     is_token = torch.ones(len(ids), dtype=torch.bool)
     is_token[positions] = False

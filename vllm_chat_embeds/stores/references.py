@@ -1,0 +1,135 @@
+"""Parts sent once and referred to by a client-chosen ``uuid`` afterwards.
+
+Why: chat clients resend the whole history every turn, so a large part sent in turn 1 would
+cost its upload, JSON parsing, base64 and tensor decoding and validation again on every later
+turn. A part that carries a ``uuid`` and its ``data`` leaves its decoded, validated rows here;
+a later part with the same ``uuid`` and no ``data`` gets those rows back without any of that.
+
+Why it is safe to trust client uuids: nothing downstream is keyed by the uuid. The engine keys
+prefix-cache blocks by the rows' content (``patches/v1_core_kv_cache_utils.py``), and rows beside
+images by their content hash (``content_hash``), so two uuids holding the same rows share cache
+entries and one uuid re-sent with other rows gets other answers. What the uuid gives is access:
+any client that knows a uuid can use its rows, so uuids should be random.
+
+One store per process that renders chats (each API server, or the ``LLM`` process), bounded by
+``CHAT_EMBEDS_REFERENCE_BYTES`` (least recently used out first, ``0``: off). Thread-safe: the
+async renderer decodes parts in an executor thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+
+from ..limits import Limits
+
+# A uuid longer than this is refused: it is a name, not a payload.
+MAX_UUID_CHARS: Final = 256
+_HASHES_ATTR: Final = "_vllm_chat_embeds_content_hashes"
+
+
+def _own_rows(rows: torch.Tensor) -> torch.Tensor:
+    """A copy of ``rows`` that only the store holds.
+
+    Why copy: the decoded rows may sit in a reused decode buffer (``decode_buffers``), which
+    must stay free to reuse, or be a client's own tensor (offline), which it may change
+    afterwards; and the store's byte count is then exactly what it keeps alive.
+    """
+    kept = rows.detach().clone(memory_format=torch.contiguous_format)
+    setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed on first use
+    return kept
+
+
+@dataclass
+class ReferenceStore:
+    """Decoded rows by uuid, at most ``capacity`` bytes of them (LRU out first)."""
+
+    capacity: int
+    _rows: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
+    _held: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
+    def put(self, uuid: str, rows: torch.Tensor) -> torch.Tensor:
+        """Keep ``rows`` under ``uuid``, replacing what it held; return the rows as kept.
+
+        Rows larger than the whole store are not kept, and the uuid's old rows are forgotten
+        even then: a later reference must never get rows other than the last ones sent.
+        """
+        nbytes = rows.numel() * rows.element_size()
+        with self._lock:
+            self._forget(uuid)
+        if nbytes > self.capacity:  # also when the store is off (capacity 0)
+            return rows
+        kept = _own_rows(rows)  # copied outside the lock: other requests go on meanwhile
+        with self._lock:
+            self._forget(uuid)  # a concurrent put of the same uuid: the last one wins
+            while self._held + nbytes > self.capacity:
+                self._forget(next(iter(self._rows)))
+            self._rows[uuid] = kept
+            self._held += nbytes
+        return kept
+
+    def get(self, uuid: str) -> torch.Tensor | None:
+        """The rows kept under ``uuid`` (now the most recently used), or None."""
+        with self._lock:
+            rows = self._rows.get(uuid)
+            if rows is not None:
+                self._rows.move_to_end(uuid)
+            return rows
+
+    def _forget(self, uuid: str) -> None:
+        rows = self._rows.pop(uuid, None)
+        if rows is not None:
+            self._held -= rows.numel() * rows.element_size()
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            return self._held
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+
+_store: ReferenceStore | None = None
+_store_lock = threading.Lock()
+
+
+def process_store() -> ReferenceStore:
+    """This process's store, sized by ``CHAT_EMBEDS_REFERENCE_BYTES`` on first use."""
+    global _store
+    with _store_lock:
+        if _store is None:
+            _store = ReferenceStore(Limits.from_env().reference_bytes)
+        return _store
+
+
+def configure(capacity: int) -> ReferenceStore:
+    """Replace this process's store by an empty one of ``capacity`` bytes (tests, benchmarks)."""
+    global _store
+    with _store_lock:
+        _store = ReferenceStore(capacity)
+        return _store
+
+
+def content_hash(rows: torch.Tensor, key: str, compute: Any) -> str:
+    """``compute(rows)``, computed once per rows object and kept beside it under ``key``.
+
+    Why on the object: rows the store hands out are the same tensor object every time and
+    never change, so a reference pays for hashing its rows once. Any other rows (sent with
+    ``data``) are hashed on every call. The hash is of the content, never of a uuid.
+    """
+    hashes: dict[str, str] | None = getattr(rows, _HASHES_ATTR, None)
+    if hashes is None:
+        return compute(rows)
+    if key not in hashes:
+        hashes[key] = compute(rows)
+    return hashes[key]

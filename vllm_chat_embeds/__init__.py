@@ -17,7 +17,7 @@ RENDERERS: Final = {
     # vLLM's other renderers, each wrapped by the one generic mixin (``renderers.generic``).
     "deepseek_v32": ("renderers.generic", "ChatEmbedsDeepseekV32Renderer"),
     "deepseek_v4": ("renderers.generic", "ChatEmbedsDeepseekV4Renderer"),
-    "deepseek_v41": ("renderers.generic", "ChatEmbedsDeepseekV4Renderer"),
+    "deepseek_v41": ("renderers.generic", "ChatEmbedsDeepseekV41Renderer"),
     "kimi_k3": ("renderers.generic", "ChatEmbedsKimiK3Renderer"),
     "cohere": ("renderers.generic", "ChatEmbedsCohereRenderer"),
     "inkling": ("renderers.generic", "ChatEmbedsInklingRenderer"),

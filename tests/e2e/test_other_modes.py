@@ -139,15 +139,16 @@ def test_parts_need_the_flag(renderers_model, rows_table):
 
 def test_vllm_check_lets_only_bounded_markers_through(renderers_model):
     """The ``renderers_chat_utils`` patch: our bounded markers pass, any other placeholder not."""
-    from vllm.renderers import chat_utils
+    from vllm_chat_embeds.compat.vllm_api import resolve
 
     vllm_chat_embeds.register()
+    check = resolve("vllm.renderers.chat_utils:_reject_reserved_placeholder_in_text")
     config = ModelConfig(str(renderers_model), enable_prompt_embeds=True, dtype="float32")
     marker = bounded("<|pe:0123456789abcdef:3|>")
-    chat_utils._reject_reserved_placeholder_in_text(f"a {marker} b", config)
+    check(f"a {marker} b", config)
     for text in (f"a{PLACEHOLDER_TOKEN}b", marker + PLACEHOLDER_TOKEN, bounded("<|pe:NOTHEX:0|>")):
         with pytest.raises(VLLMValidationError):
-            chat_utils._reject_reserved_placeholder_in_text(text, config)
+            check(text, config)
 
 
 @pytest.mark.parametrize("mode", REFUSED)

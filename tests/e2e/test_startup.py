@@ -10,6 +10,7 @@ from conftest import CPU_FLAGS, FAKE_VERSION_DIR, VLLM, server_env
 
 import vllm_chat_embeds
 from vllm_chat_embeds import errors
+from vllm_chat_embeds.compat.version_gate import supported_text
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +39,6 @@ def test_unsupported_vllm_is_refused_at_startup(tiny_model, vllm_cache_root):
     output = done.stdout + done.stderr
     assert done.returncode != 0
     expected = errors.UNSUPPORTED_VLLM.format(
-        ours=vllm_chat_embeds.__version__, supported="0.32.x", found="0.99.0"
+        ours=vllm_chat_embeds.__version__, supported=supported_text(), found="0.99.0"
     )
     assert expected in output, output[-3000:]

@@ -17,6 +17,7 @@ TRAPPED_HF = (
     "_build_prompt_embeds_positions",
     "_build_mixed_prompt_embeds",
 )
+TRAPPED_HF_SINCE_033 = ("_filter_prompt_embeds_by_template",)  # absent from 0.32's hf.py
 TRAPPED_HF_METHODS = ("_apply_prompt_embeds_to_prompt", "_apply_prompt_embeds_to_engine_input")
 TRAPPED_PARSER_CLASSES = ("MultiModalContentParser", "AsyncMultiModalContentParser")
 
@@ -29,15 +30,22 @@ def _trap(name):
 
 
 def install() -> None:
-    from vllm.renderers import chat_utils, hf
+    from vllm.renderers import hf
+
+    # chat_utils names live where the running vLLM looks them up (0.33 made it a package).
+    from vllm_chat_embeds.compat.vllm_api import import_home, resolve
 
     for name in TRAPPED_CHAT_UTILS:
-        setattr(chat_utils, name, _trap(f"chat_utils.{name}"))
+        home = import_home("vllm.renderers.chat_utils", name)
+        setattr(home, name, _trap(f"chat_utils.{name}"))
     for cls_name in TRAPPED_PARSER_CLASSES:
-        cls = getattr(chat_utils, cls_name)
+        cls = resolve(f"vllm.renderers.chat_utils:{cls_name}")
         cls.parse_prompt_embeds = _trap(f"chat_utils.{cls_name}.parse_prompt_embeds")
     for name in TRAPPED_HF:
         setattr(hf, name, _trap(f"hf.{name}"))
+    for name in TRAPPED_HF_SINCE_033:
+        if hasattr(hf, name):
+            setattr(hf, name, _trap(f"hf.{name}"))
     for name in TRAPPED_HF_METHODS:
         setattr(hf.HfRenderer, name, staticmethod(_trap(f"hf.HfRenderer.{name}")))
     print("vllm-chat-embeds test trap: built-in prompt_embeds helpers disabled", file=sys.stderr)

@@ -1,1 +1,2 @@
-"""Which vLLM versions the plugin runs on, and the differences between them, in one place."""
+"""Which vLLM versions the plugin runs on (``version_gate``), and the differences between
+them, in one place (``vllm_api``)."""

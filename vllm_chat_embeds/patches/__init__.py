@@ -4,6 +4,12 @@ Why patches at all: some prompt_embeds behaviour lives in vLLM modules that have
 Each patch is one module here, named after the vLLM module it changes, and says what it
 changes, why, and when it can go. ``apply_all()`` checks every target before changing any, so
 a vLLM whose internals moved fails loudly at startup instead of misbehaving later.
+
+``Patch.target`` is the vLLM module by its canonical name (``compat.vllm_api``); where a
+series moved the patched attributes elsewhere, ``Patch.home()`` is the module that holds them
+there, and it is the module a patch must read and replace them in: a patch takes its module
+from ``patch.home()`` rather than importing the target by name (required once the target
+moves in any supported series; older patches still import it directly).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Final
 
 
@@ -23,6 +30,19 @@ class Patch:
     target: str  # the vLLM module
     attributes: tuple[str, ...]  # "Class.method" or "function" names we wrap
     why: str
+
+    def home(self) -> ModuleType:
+        """The module holding this patch's attributes on the running vLLM."""
+        from ..compat.vllm_api import import_home
+
+        homes = {import_home(self.target, attribute) for attribute in self.attributes}
+        if len(homes) != 1:
+            names = sorted(module.__name__ for module in homes)
+            raise RuntimeError(
+                f"vllm-chat-embeds: patch {self.name} spans several vLLM modules {names}; "
+                "split it, one patch per vLLM module."
+            )
+        return homes.pop()
 
 
 MANIFEST: Final = (
@@ -133,20 +153,20 @@ def check(patch: Patch, expected: dict[str, Iterable[str]]) -> None:
             f"vllm-chat-embeds: patch {patch.name} checks {sorted(expected)} but the manifest "
             f"lists {sorted(patch.attributes)}."
         )
-    module = importlib.import_module(patch.target)
+    module = patch.home()
     for attribute in patch.attributes:
         try:
             target = _resolve(module, attribute)
         except AttributeError as exc:
             raise RuntimeError(
-                f"vllm-chat-embeds: {patch.target}.{attribute} is missing; this vLLM version "
+                f"vllm-chat-embeds: {module.__name__}.{attribute} is missing; this vLLM version "
                 f"is not supported (patch {patch.name}: {patch.why})."
             ) from exc
         params = list(inspect.signature(target).parameters)  # type: ignore[arg-type]
         want = list(expected[attribute])
         if params != want:
             raise RuntimeError(
-                f"vllm-chat-embeds: {patch.target}.{attribute} takes {params}, expected {want}; "
+                f"vllm-chat-embeds: {module.__name__}.{attribute} takes {params}, expected {want}; "
                 f"this vLLM version is not supported (patch {patch.name})."
             )
 

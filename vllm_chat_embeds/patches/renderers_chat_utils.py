@@ -1,5 +1,8 @@
 """Patch of ``vllm/renderers/chat_utils.py``: let our bounded part markers through.
 
+(On vLLM 0.33 the function lives in ``vllm/renderers/chat_utils/chat_message.py``; the
+manifest's ``Patch.home()`` finds it through ``compat.vllm_api``.)
+
 What: vLLM's check that refuses ``<prompt_embeds>`` inside text content now ignores the
 pieces ``placeholder, part marker, placeholder`` that ``renderers.generic`` writes in place of
 a part, and refuses any other occurrence as before. Why: the generic renderer hands vLLM's
@@ -25,8 +28,7 @@ BOUNDED_MARKER: Final = re.compile(
 
 
 def apply(patch: Patch) -> None:
-    from vllm.renderers import chat_utils
-
+    chat_utils = patch.home()
     check(patch, {"_reject_reserved_placeholder_in_text": ("text", "model_config")})
     original = chat_utils._reject_reserved_placeholder_in_text
 

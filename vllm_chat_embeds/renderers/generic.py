@@ -27,6 +27,7 @@ from typing import Any, Final, cast
 import torch
 
 from .. import announce, errors
+from ..compat.vllm_api import locate
 from ..errors import reject
 from ..limits import DroppedPolicy, Limits
 from ..placeholder import PLACEHOLDER_TOKEN, with_placeholder_token
@@ -39,6 +40,8 @@ from .splice import apply_dropped_policy, expand_markers
 WRAPPED: Final = {
     "ChatEmbedsDeepseekV32Renderer": ("vllm.renderers.deepseek_v32", "DeepseekV32Renderer"),
     "ChatEmbedsDeepseekV4Renderer": ("vllm.renderers.deepseek_v4", "DeepseekV4Renderer"),
+    # Its own class from vLLM 0.33 on; DeepseekV4Renderer before (``compat.vllm_api``).
+    "ChatEmbedsDeepseekV41Renderer": locate("vllm.renderers.deepseek_v4:DeepseekV41Renderer"),
     "ChatEmbedsKimiK3Renderer": ("vllm.renderers.kimi_k3", "KimiK3Renderer"),
     "ChatEmbedsCohereRenderer": ("vllm.renderers.cohere", "CohereRenderer"),
     "ChatEmbedsInklingRenderer": ("vllm.renderers.inkling", "InklingRenderer"),

@@ -217,6 +217,8 @@ def feature_server(tiny_model: Path, lora_adapters: dict, vllm_cache_root: str):
         "--lora-modules", *modules,
         "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
         "--enable-prefix-caching",
+        # JSON without free whitespace: a random model otherwise pads JSON until max_tokens.
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]  # fmt: skip
     extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_TEST_BYTES)}
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)

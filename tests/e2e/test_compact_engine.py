@@ -1,4 +1,6 @@
-"""Compact transport inside the engine: prefix caching, chunked prefill, preemption.
+"""Compact transport inside the engine: prefix caching, chunked prefill, preemption, and the
+scheduler features that reorder or extend a request's steps (priority scheduling, ngram
+speculative decoding), which share one small-chunk server.
 
 The plugin sends only embedding rows to the engine; these tests exercise the engine paths
 that used to assume one row per prompt position (see vllm_chat_embeds/patches/).
@@ -6,6 +8,7 @@ that used to assume one row per prompt position (see vllm_chat_embeds/patches/).
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -64,10 +67,15 @@ def test_prefix_cache_hits_same_embeddings_and_misses_different_ones(plugin_serv
     assert cached(again) < total
 
 
+NGRAM = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1,
+         "prompt_lookup_max": 3}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tight_server(tiny_model, vllm_cache_root):
     """Small prefill chunks (8 tokens) and a KV cache of three 128-token blocks: chunks split
-    embedding spans, and four concurrent requests growing past one block must preempt."""
+    embedding spans, and four concurrent requests growing past one block must preempt. The
+    same server schedules by priority and drafts tokens by ngram lookup (one start for all)."""
     env = server_env(trap=True, plugins=True, mp=False, cache_root=vllm_cache_root)
     args = [
         "--enable-prompt-embeds",
@@ -76,6 +84,8 @@ def tight_server(tiny_model, vllm_cache_root):
         "--max-num-seqs", "4",
         "--kv-cache-memory-bytes", str(3 * 128 * 2048),
         "--no-enable-prefix-caching",
+        "--scheduling-policy", "priority",
+        "--speculative-config", json.dumps(NGRAM),
     ]  # fmt: skip
     with run_server(tiny_model, *args, env=env) as server:
         yield server
@@ -109,3 +119,42 @@ def test_preemption_and_recompute_keep_parity(tight_server, table):
     assert preemptions(tight_server) > before, "the KV cache was meant to force preemption"
     for text, emb in zip(texts, embeds, strict=True):
         assert emb["choices"][0]["message"] == text["choices"][0]["message"]
+
+
+def metric(server, name: str) -> float:
+    text = requests.get(server.base_url + "/metrics", timeout=30).text
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def test_ngram_speculative_decoding_keeps_parity(tight_server, table):
+    """Drafted tokens are checked by the model: parts and text give the same answer."""
+    before = metric(tight_server, "vllm:spec_decode_num_drafts_total")
+    long = {"max_tokens": 80, "ignore_eos": True}
+    for case in (CASE, [{"role": "user", "content": [("e", PREFIX), ("t", SUFFIX)]}]):
+        reference = post(tight_server, as_text(case), **long)
+        with_embeds = post(tight_server, render(case, table.part), **long)
+        assert with_embeds["choices"][0]["message"] == reference["choices"][0]["message"]
+    assert metric(tight_server, "vllm:spec_decode_num_drafts_total") > before
+
+
+def test_priority_scheduling_keeps_each_answer(tight_server, table):
+    """Requests of different priorities in one batch (lower runs first, and is preempted
+    last) each get the answer they get alone."""
+    cases = [
+        [{"role": "user", "content": [("t", f"job {i}:"), ("e", " y = transform(x)")]}]
+        for i in range(4)
+    ]
+    requests_ = [
+        (render(c, table.part), {"priority": p}) for c, p in zip(cases, (3, -1, 0, 7), strict=True)
+    ]
+    requests_ += [(as_text(cases[0]), {"priority": -5})]
+    long = {"max_tokens": 40, "ignore_eos": True}
+    alone = [post(tight_server, m, **kw, **long)["choices"] for m, kw in requests_]
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        together = list(pool.map(lambda r: post(tight_server, r[0], **r[1], **long), requests_))
+    assert [t["choices"] for t in together] == alone
+    assert alone[0] != alone[1]

@@ -16,6 +16,8 @@ from chat_cases import CASES as CHATS
 from chat_cases import as_text, render
 from hostile_cases import CASES, PART_CASES, PLACEMENTS, WHERE, Placement, part_of
 
+from vllm_chat_embeds import errors
+
 pytestmark = pytest.mark.e2e
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
@@ -117,3 +119,26 @@ def test_server_still_answers_correctly_after_hostile_requests(plugin_server, ta
     with_embeds = post(plugin_server, render(case, table.part)).json()
     assert with_embeds["choices"][0]["message"] == reference["choices"][0]["message"]
     assert plugin_server.healthy()
+
+
+def test_bad_first_part_on_batch_chat_and_tokenize(plugin_server, table):
+    """The other chat-message endpoints validate parts the same way: our message, not
+    pydantic's dump; and the batch endpoint serves good parts like the text."""
+    bad = [{"role": "user", "content": [{"type": "prompt_embeds"}, {"type": "text", "text": "x"}]}]
+    expected = errors.DATA_MISSING.format(where="messages[0].content[0]")
+    url = plugin_server.base_url
+    body = {"model": plugin_server.model, "messages": [bad], **GREEDY}
+    batch = requests.post(url + "/v1/chat/completions/batch", json=body, timeout=120)
+    assert batch.status_code == 400, batch.text
+    assert batch.json()["error"]["message"].startswith(expected), batch.text
+    tokenize = requests.post(
+        url + "/tokenize", json={"model": plugin_server.model, "messages": bad}, timeout=120
+    )
+    assert tokenize.status_code == 400, tokenize.text
+    assert tokenize.json()["error"]["message"].startswith(expected)
+    case = CHATS["interleaved"]
+    body["messages"] = [as_text(case), render(case, table.part)]
+    served = requests.post(url + "/v1/chat/completions/batch", json=body, timeout=120)
+    assert served.status_code == 200, served.text
+    first, second = (c["message"]["content"] for c in served.json()["choices"])
+    assert first == second

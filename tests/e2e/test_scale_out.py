@@ -1,7 +1,14 @@
-"""``vllm serve --api-server-count 2``: both frontends run the plugin and keep parity."""
+"""Scale-out configurations: several API servers, tensor and data parallel, and the ones vLLM's
+CPU build cannot run (Ray, pipeline parallel), shown with the reason.
+
+Every served configuration keeps greedy parity between parts and text, sent alone and as a
+concurrent batch. On these CPUs tensor and data parallel need ``VLLM_CPU_OMP_THREADS_BIND``
+(one core per rank; vLLM otherwise stops with "Not enough allowed NUMA nodes").
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,29 +22,101 @@ import vllm_chat_embeds
 pytestmark = pytest.mark.e2e
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
+ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
-def test_two_api_servers(tiny_model, table, vllm_cache_root):
-    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root)
-    args = ["--enable-prompt-embeds", "--api-server-count", "2"]
+def ask(server, messages) -> str:
+    body = {"model": server.model, "messages": messages, **GREEDY}
+    response = requests.post(server.base_url + "/v1/chat/completions", json=body, timeout=180)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+def check_parity(server, table, copies: int = 8) -> None:
+    """Each case with parts answers as its text, alone and in a concurrent batch."""
+    names = ["interleaved", "every_role", "only_embeds", "multi_turn"]
+    references = [ask(server, as_text(CASES[n])) for n in names]
+    batch = [render(CASES[n], table.part) for n in names] * (copies // len(names))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda m: ask(server, m), batch))
+    assert answers == references * (copies // len(names))
+
+
+def active_processes(server, pattern: str) -> set[str]:
+    """Process labels (e.g. ``APIServer_1``) whose log says the plugin is active."""
+    active = f"vllm_chat_embeds {vllm_chat_embeds.__version__} active"
+    return {
+        m.group(1)
+        for line in server.log().splitlines()
+        if active in line and (m := re.match(rf"\(({pattern})", line))
+    }
+
+
+def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_root):
+    """One start for two configurations: both frontends and both TP workers run the plugin."""
+    env = server_env(
+        trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=ONE_CORE_PER_RANK
+    )
+    args = ["--enable-prompt-embeds", "--tensor-parallel-size", "2", "--api-server-count", "2"]
     with run_server(tiny_model, *args, env=env) as server:
-        case = CASES["interleaved"]
-        url = server.base_url + "/v1/chat/completions"
+        check_parity(server, table, copies=12)
+        assert len(active_processes(server, r"APIServer_\d+|ApiServer_\d+")) == 2, server.tail(80)
+        assert len(active_processes(server, r"VllmWorker-\d+|Worker_TP\d+")) == 2, server.tail(80)
 
-        def ask(messages):
-            body = {"model": server.model, "messages": messages, **GREEDY}
-            response = requests.post(url, json=body, timeout=120)
-            assert response.status_code == 200, response.text
-            return response.json()["choices"][0]["message"]["content"]
 
-        reference = ask(as_text(case))
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(ask, [render(case, table.part)] * 12))
-        assert answers == [reference] * 12
-        active = f"vllm_chat_embeds {vllm_chat_embeds.__version__} active"
-        frontends = {
-            m.group(1)
-            for line in server.log().splitlines()
-            if active in line and (m := re.match(r"\((APIServer_\d+|ApiServer_\d+)", line))
-        }
-        assert len(frontends) == 2, server.tail(80)
+def test_data_parallel_2(tiny_model, table, vllm_cache_root):
+    env = server_env(
+        trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=ONE_CORE_PER_RANK
+    )
+    args = ["--enable-prompt-embeds", "--data-parallel-size", "2"]
+    with run_server(tiny_model, *args, env=env) as server:
+        check_parity(server, table)
+        engines = active_processes(server, r"EngineCore_DP\d+")
+        assert len(engines) == 2, server.tail(80)
+
+
+def test_ray_executor_is_refused_by_vllms_cpu_build():
+    """vLLM's Ray executor asks the platform for its Ray device key and stops when it has
+    none; the CPU platform has none. Shown from vLLM's own platform and executor code, so the
+    test needs no ``ray`` install (measured with ray 2.60: ``ValueError: current platform cpu
+    does not support ray`` at engine start, before any worker, so before any request)."""
+    import inspect
+
+    from vllm.platforms import current_platform
+    from vllm.v1.executor import ray_utils
+
+    if current_platform.device_name != "cpu":
+        pytest.skip("this checks vLLM's CPU build")
+    assert current_platform.ray_device_key == ""
+    source = inspect.getsource(ray_utils.initialize_ray_cluster)
+    assert "ray_device_key" in source and "does not support ray" in source
+    pytest.skip("vLLM's CPU build refuses Ray: current platform cpu does not support ray")
+
+
+PP_FAILS = (
+    "vLLM's CPU build fails with --pipeline-parallel-size 2 on a plain text chat "
+    "(assert self.intermediate_tensors is not None in the worker; the engine dies)"
+)
+
+
+def test_pipeline_parallel_2_fails_in_vllm_on_plain_text(tiny_model, vllm_cache_root):
+    """PP=2 on vLLM's CPU build kills the engine on a chat without any part (the last rank's
+    worker gets no intermediate tensors), so parts cannot be tested there yet. Our code keeps
+    no first/last-rank logic of its own: when vLLM's PP runs, parts need nothing more.
+
+    Observing it costs a server start (45-130 s here) for a skip, so it runs on request:
+    ``CHAT_EMBEDS_TEST_PP=1``.
+    """
+    if os.environ.get("CHAT_EMBEDS_TEST_PP") != "1":
+        pytest.skip(PP_FAILS + "; set CHAT_EMBEDS_TEST_PP=1 to observe it again")
+    env = server_env(
+        trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=ONE_CORE_PER_RANK
+    )
+    args = ["--enable-prompt-embeds", "--pipeline-parallel-size", "2"]
+    with run_server(tiny_model, *args, env=env) as server:
+        body = {"model": server.model, "messages": [{"role": "user", "content": "hi"}], **GREEDY}
+        response = requests.post(server.base_url + "/v1/chat/completions", json=body, timeout=180)
+        if response.status_code == 200:
+            pytest.fail("PP=2 now serves text chats: test parts with it (and update the matrix)")
+        assert "intermediate_tensors is not None" in server.log(), server.tail(80)
+    pytest.skip(PP_FAILS)

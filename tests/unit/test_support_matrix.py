@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -33,3 +34,52 @@ def test_matrix_matches_the_registry():
         else:
             assert module == "vllm_chat_embeds.renderers.registry", mode
             assert class_name.startswith("Refusing"), mode
+
+
+TESTS = Path(__file__).resolve().parents[1]
+STATUS = r"served|refused|fails in vLLM|not yet|untested"
+FEATURE_ROW = re.compile(
+    rf"^\| (?P<feature>.+?) \| (?P<status>{STATUS}) \| .+? \| (?P<tests>.+) \|$", re.M
+)
+
+
+def feature_rows() -> list[tuple[str, str, list[str]]]:
+    section = MATRIX.read_text().split("## vLLM feature × prompt_embeds parts", 1)[1]
+    return [
+        (m["feature"], m["status"], re.findall(r"`([\w/]+\.py)::(\w+)`", m["tests"]))
+        for m in FEATURE_ROW.finditer(section)
+    ]
+
+
+def functions_of(file: str) -> dict[str, list[str]]:
+    """Test functions of a tests file, each with its decorators as source (module-level mark
+    names resolved, so ``@NEEDS_FIX = pytest.mark.xfail(...)`` reads as xfail)."""
+    path = next(TESTS.rglob(Path(file).name))
+    tree = ast.parse(path.read_text())
+    marks = {
+        target.id: ast.unparse(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+    return {
+        node.name: [marks.get(ast.unparse(d), ast.unparse(d)) for d in node.decorator_list]
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+    }
+
+
+def test_feature_rows_name_existing_tests():
+    rows = feature_rows()
+    assert len(rows) >= 15
+    for feature, status, tests in rows:
+        assert tests, feature
+        for file, name in tests:
+            functions = functions_of(file)
+            assert name in functions, f"{feature}: {file}::{name} does not exist"
+            expected_away = any("xfail" in d or "skip" in d for d in functions[name])
+            if status == "served":
+                assert not expected_away, f"{feature}: served, but {name} is xfail/skip"
+            if status == "not yet":
+                assert expected_away, f"{feature}: {name} passes now; mark the row served"

@@ -18,6 +18,7 @@ async renderer decodes parts in an executor thread.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,8 +41,23 @@ def _own_rows(rows: torch.Tensor) -> torch.Tensor:
     afterwards; and the store's byte count is then exactly what it keeps alive.
     """
     kept = rows.detach().clone(memory_format=torch.contiguous_format)
-    setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed on first use
+    setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed once
+    kept_rows_digest(kept)  # here, off the event loop (the async renderer's executor)
     return kept
+
+
+def _sha256(rows: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{rows.dtype}:{tuple(rows.shape)}:".encode())
+    digest.update(rows.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def kept_rows_digest(rows: torch.Tensor) -> str | None:
+    """The SHA-256 of rows the store keeps (of their dtype, shape and bytes), computed once;
+    None for any other rows. The engine keys prefix-cache blocks over kept rows by it."""
+    if getattr(rows, _HASHES_ATTR, None) is None:
+        return None
+    return content_hash(rows, "sha256", _sha256)
 
 
 @dataclass

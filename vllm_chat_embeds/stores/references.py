@@ -6,10 +6,12 @@ turn. A part that carries a ``uuid`` and its ``data`` leaves its decoded, valida
 a later part with the same ``uuid`` and no ``data`` gets those rows back without any of that.
 
 Why it is safe to trust client uuids: nothing downstream is keyed by the uuid. The engine keys
-prefix-cache blocks by the rows' content (``patches/v1_core_kv_cache_utils.py``), and rows beside
-images by their content hash (``content_hash``), so two uuids holding the same rows share cache
-entries and one uuid re-sent with other rows gets other answers. What the uuid gives is access:
-any client that knows a uuid can use its rows, so uuids should be random.
+prefix-cache blocks by the rows' content: over kept rows by the SHA-256 computed once when they
+were kept (``kept_rows_digest``, see ``patches/v1_core_kv_cache_utils.py``), beside images by
+their multimodal hash (``content_hash``). So two uuids holding the same rows share cache
+entries, one uuid re-sent with other rows gets other answers, and a reference costs no rehash.
+What the uuid gives is access: any client that knows a uuid can use its rows, so uuids should
+be random.
 
 One store per process that renders chats (each API server, or the ``LLM`` process), bounded by
 ``CHAT_EMBEDS_REFERENCE_BYTES`` (least recently used out first, ``0``: off). Thread-safe: the

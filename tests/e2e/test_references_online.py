@@ -309,3 +309,32 @@ def test_references_hit_the_prefix_cache_and_digests_cannot_be_forged(feature_se
     plain = chat({"type": "prompt_embeds", "data": tensor_b64(other)})
     assert chat({"type": "prompt_embeds", "data": tensor_b64(other)}, **forged)[:2] == plain[:2]
     assert feature_server.healthy()
+
+
+def test_conversation_helper_resends_on_a_miss_with_the_openai_client(feature_server, table):
+    """The helper believes the server holds a part it never got: the openai client raises
+    BadRequestError with the marker, and the helper resends once with data."""
+    from vllm_chat_embeds.client import Conversation
+
+    chat = Conversation()
+    part = {**table.part(" return world + 1"), "uuid": new_uuid()}
+    chat.sent.add(part["uuid"])  # as if sent before to a server that has since forgotten it
+    head = {"type": "text", "text": "def hello(world):"}
+    messages = [{"role": "user", "content": [head, part]}]
+    reply = chat.send(
+        feature_server.client.chat.completions.create,
+        model=feature_server.model,
+        messages=messages,
+        **GREEDY,
+    )
+    text = [{"role": "user", "content": [head, {"type": "text", "text": " return world + 1"}]}]
+    assert reply.choices[0].message.content == answer(feature_server, text)[0]
+    assert chat.resends == 1
+    again = chat.send(
+        feature_server.client.chat.completions.create,
+        model=feature_server.model,
+        messages=messages,
+        **GREEDY,
+    )
+    assert again.choices[0].message.content == reply.choices[0].message.content
+    assert chat.resends == 1

@@ -23,7 +23,12 @@ from types import FrameType
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 # Known scripts first, cheapest first; any other script found runs after them.
-ORDER = ("decode_encodings.py", "hostile_side_by_side.py", "latency_side_by_side.py")
+ORDER = (
+    "decode_encodings.py",
+    "hostile_side_by_side.py",
+    "latency_side_by_side.py",
+    "multi_turn_references.py",
+)
 MAIN_GUARD = 'if __name__ == "__main__":'
 QUICK_FLAG = '"--quick"'
 TERM_GRACE_S = 90.0  # servers take a while to stop

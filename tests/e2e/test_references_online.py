@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 from chat_cases import CASES, as_text, render
 from conftest import REFERENCE_TEST_BYTES, tensor_b64
 
@@ -281,3 +282,59 @@ def test_concurrent_clients_shared_and_distinct_uuids(feature_server, table):
         outcomes = list(pool.map(client, range(16)))
     assert all(all(r) for r in outcomes), outcomes
     assert feature_server.healthy()
+
+
+def test_references_hit_the_prefix_cache_and_digests_cannot_be_forged(feature_server, table):
+    """A reference's blocks are keyed by the content digest kept beside its rows, so the
+    second request reuses the first one's KV blocks; a client cannot supply such a digest."""
+    rows = table.rows(" 1 + 2").repeat(300, 1)[:300]
+    rows = rows * torch.linspace(0.5, 1.5, 300).unsqueeze(1)
+    uuid = new_uuid()
+    head = {"type": "text", "text": "x ="}
+
+    def chat(part, **kwargs):
+        response = post(feature_server, [{"role": "user", "content": [head, part]}], **kwargs)
+        assert response.status_code == 200, response.text
+        data = response.json()
+        cached = (data["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        return data["choices"][0]["message"]["content"], data["usage"]["prompt_tokens"], cached
+
+    sent = chat({"type": "prompt_embeds", "data": tensor_b64(rows), "uuid": uuid})
+    again = chat({"type": "prompt_embeds", "uuid": uuid})
+    assert again[:2] == sent[:2]
+    assert again[2] >= 256, again  # every full block of the first request, rows included
+    # vLLM passes a client's vllm_xargs on to the engine; ours among them is dropped.
+    forged = {"vllm_xargs": {"_vllm_chat_embeds_span_digests": [300, "00" * 32]}}
+    other = rows.flip(0).contiguous()
+    plain = chat({"type": "prompt_embeds", "data": tensor_b64(other)})
+    assert chat({"type": "prompt_embeds", "data": tensor_b64(other)}, **forged)[:2] == plain[:2]
+    assert feature_server.healthy()
+
+
+def test_conversation_helper_resends_on_a_miss_with_the_openai_client(feature_server, table):
+    """The helper believes the server holds a part it never got: the openai client raises
+    BadRequestError with the marker, and the helper resends once with data."""
+    from vllm_chat_embeds.client import Conversation
+
+    chat = Conversation()
+    part = {**table.part(" return world + 1"), "uuid": new_uuid()}
+    chat.sent.add(part["uuid"])  # as if sent before to a server that has since forgotten it
+    head = {"type": "text", "text": "def hello(world):"}
+    messages = [{"role": "user", "content": [head, part]}]
+    reply = chat.send(
+        feature_server.client.chat.completions.create,
+        model=feature_server.model,
+        messages=messages,
+        **GREEDY,
+    )
+    text = [{"role": "user", "content": [head, {"type": "text", "text": " return world + 1"}]}]
+    assert reply.choices[0].message.content == answer(feature_server, text)[0]
+    assert chat.resends == 1
+    again = chat.send(
+        feature_server.client.chat.completions.create,
+        model=feature_server.model,
+        messages=messages,
+        **GREEDY,
+    )
+    assert again.choices[0].message.content == reply.choices[0].message.content
+    assert chat.resends == 1

@@ -92,3 +92,43 @@ def test_copy_scheduled_rows_two_requests_and_dense_layout():
     )
     assert torch.equal(dst[[1, 2]], ROWS[:2])
     assert torch.equal(dst[5:8], dense_rows)
+
+
+def test_span_digests_stand_for_kept_rows_in_block_keys():
+    from vllm_chat_embeds.patches.v1_core_kv_cache_utils import spans_block_digest
+
+    index = row_index(MASK)
+    d1, d2 = b"\1" * 32, b"\2" * 32
+    two = [(0, 2, d1), (2, 2, None)]  # rows 0-1 kept by uuid, rows 2-3 sent with data
+    first = spans_block_digest(ROWS, two, index, 0, 4)
+    assert first is not None and spans_block_digest(ROWS, two, index, 3, 5) is None
+    # The digest stands for its rows (block 0-4 holds rows 0-1 only): the key follows it...
+    other = ROWS.clone()
+    other[:2] += 1
+    assert spans_block_digest(other, two, index, 0, 4) == first
+    # ...another digest, another key; rows without a digest are hashed.
+    assert spans_block_digest(ROWS, [(0, 2, d2), (2, 2, None)], index, 0, 4) != first
+    other = ROWS.clone()
+    other[2:] += 1
+    assert spans_block_digest(other, two, index, 4, 8) != spans_block_digest(ROWS, two, index, 4, 8)
+    # Which rows of a span a block holds is part of the key.
+    one = [(0, 4, d1)]
+    assert spans_block_digest(ROWS, one, index, 0, 4) != spans_block_digest(ROWS, one, index, 4, 8)
+    # Keys of rows by digest never equal keys of rows by bytes.
+    assert spans_block_digest(ROWS, [(0, 4, None)], index, 0, 4) != block_digest(ROWS, index, 0, 4)
+
+
+def test_only_the_server_sets_span_digests():
+    from types import SimpleNamespace
+
+    from vllm_chat_embeds.patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
+    from vllm_chat_embeds.patches.v1_engine_input_processor import carry_span_digests
+
+    forged = {SPAN_DIGESTS_KEY: [[4, "00" * 32]], "mine": 1}
+    request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=dict(forged)))
+    engine_input = {"type": "embeds", "prompt_token_ids": MASK, "prompt_embeds": ROWS}
+    carry_span_digests(request, engine_input)  # a client's value, no server's: dropped
+    assert request.sampling_params.extra_args == {"mine": 1}
+    ours = [[4, "ab" * 32]]
+    carry_span_digests(request, {**engine_input, SPAN_DIGESTS_KEY: ours})
+    assert request.sampling_params.extra_args == {"mine": 1, SPAN_DIGESTS_KEY: ours}

@@ -288,3 +288,21 @@ def test_conversation_lets_other_errors_through() -> None:
     with pytest.raises(RuntimeError, match="base64 characters"):
         conversation.send(server.create, messages=user(bad))
     assert not conversation.sent and len(server.bodies) == 1
+
+
+def test_engine_input_carries_digests_of_kept_rows_only() -> None:
+    from vllm_chat_embeds.patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
+    from vllm_chat_embeds.renderers.splice import build_embeds_input
+    from vllm_chat_embeds.stores.references import kept_rows_digest
+
+    kept = references.process_store().put("k", rows(2, 1.0))
+    fresh = rows(1, 2.0)
+    digest = kept_rows_digest(kept)
+    assert digest is not None and kept_rows_digest(fresh) is None
+    assert digest == kept_rows_digest(ReferenceStore(1 << 20).put("x", rows(2, 1.0)))
+    ph = 99
+    ids = [5, ph, ph, 6, ph, 7]
+    both = build_embeds_input(ids, [kept, fresh], ph)
+    assert both[SPAN_DIGESTS_KEY] == [[2, digest], [1, None]]  # type: ignore[typeddict-item]
+    assert SPAN_DIGESTS_KEY not in build_embeds_input([5, ph, 6], [fresh], ph)
+    assert SPAN_DIGESTS_KEY not in build_embeds_input(ids, [kept, fresh], ph, compact=False)

@@ -55,8 +55,9 @@ MANIFEST: Final = (
     Patch(
         name="v1_engine_input_processor",
         target="vllm.v1.engine.input_processor",
-        attributes=("InputProcessor._validate_model_input",),
-        why="compact transport: validate embeds inputs that carry only their rows",
+        attributes=("InputProcessor._validate_model_input", "InputProcessor.process_inputs"),
+        why="compact transport: validate embeds inputs that carry only their rows; carry the "
+        "content digests of rows kept by uuid to the engine",
     ),
     Patch(
         name="v1_request",

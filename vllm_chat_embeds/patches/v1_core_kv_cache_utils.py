@@ -7,6 +7,15 @@ embeddings hit, other embeddings miss, and a zero row is never confused with tok
 Prompts with one row per position (vLLM's own embeds prompts) keep vLLM's hashing. Why: vLLM
 slices the embeddings by absolute position, which only works for full-length tensors. When it
 can go: with the ``vllm_utils`` patch.
+
+Rows kept by uuid (``stores/references.py``) arrive with the SHA-256 of their content, computed
+once in the frontend when they were kept (``SPAN_DIGESTS_KEY`` in the request's
+``sampling_params.extra_args``, vLLM's field for plugins, set only by the
+``v1_engine_input_processor`` patch, which drops any a client sent). A block over such rows
+hashes that digest and its row range instead of the rows, so a reference costs no rehash. The
+keys still come from the content (never from a uuid), in a domain of their own (``_SPANS``):
+the same rows sent without a uuid hash their bytes and get other keys, which costs a cache
+miss, never a wrong hit.
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ import torch
 from . import Patch, check
 
 _ROW_INDEX = "_vllm_chat_embeds_row_index"
+_SPAN_TABLE = "_vllm_chat_embeds_span_table"
+# The request's row spans, in row order, as [[rows, content sha256 hex or None], ...].
+SPAN_DIGESTS_KEY = "_vllm_chat_embeds_span_digests"
+_SPANS = b"vllm_chat_embeds.spans\0"
 
 
 def row_index(mask: Any) -> np.ndarray:
@@ -39,6 +52,48 @@ def block_digest(rows: torch.Tensor, index: np.ndarray, start: int, end: int) ->
     digest = hashlib.sha256((window >= 0).tobytes())
     digest.update(block_rows.view(torch.uint8).numpy().tobytes())
     return digest.digest()
+
+
+def spans_block_digest(
+    rows: torch.Tensor,
+    spans: list[tuple[int, int, bytes | None]],
+    index: np.ndarray,
+    start: int,
+    end: int,
+) -> bytes | None:
+    """``block_digest`` for rows given as spans ``(first row, rows, digest or None)``: a span
+    with a digest stands for its rows by that digest and the rows' range inside it."""
+    window = index[start:end]
+    used = window[window >= 0]
+    if used.size == 0:
+        return None
+    first, last = int(used[0]), int(used[-1]) + 1
+    digest = hashlib.sha256(_SPANS)
+    digest.update((window >= 0).tobytes())
+    for span_first, count, span_digest in spans:
+        lo, hi = max(first, span_first), min(last, span_first + count)
+        if lo >= hi:
+            continue
+        digest.update(np.array([lo - span_first, hi - span_first], dtype="<i8").tobytes())
+        if span_digest is None:
+            digest.update(b"r" + rows[lo:hi].contiguous().view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(b"d" + span_digest)
+    return digest.digest()
+
+
+def span_table(request: Any) -> list[tuple[int, int, bytes | None]] | None:
+    """The request's spans with their first rows, if it carries digests that cover its rows."""
+    params = getattr(request, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    given = extra.get(SPAN_DIGESTS_KEY)
+    if not given:
+        return None
+    table, first = [], 0
+    for count, hexdigest in given:
+        table.append((first, int(count), None if hexdigest is None else bytes.fromhex(hexdigest)))
+        first += int(count)
+    return table if first == len(request.prompt_embeds) else None
 
 
 def apply(patch: Patch) -> None:
@@ -70,7 +125,14 @@ def apply(patch: Patch) -> None:
             if index is None:
                 index = row_index(mask)
                 setattr(request, _ROW_INDEX, index)
-            cache[key] = block_digest(rows, index, start_token_idx, end_token_idx)
+            spans = getattr(request, _SPAN_TABLE, False)
+            if spans is False:
+                spans = span_table(request)
+                setattr(request, _SPAN_TABLE, spans)
+            if spans is None:
+                cache[key] = block_digest(rows, index, start_token_idx, end_token_idx)
+            else:
+                cache[key] = spans_block_digest(rows, spans, index, start_token_idx, end_token_idx)
         digest = cache[key]
         return [] if digest is None else [("prompt_embeds", digest)]
 

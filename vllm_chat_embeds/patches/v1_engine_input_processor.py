@@ -4,6 +4,13 @@ What: ``InputProcessor._validate_model_input`` sees, for an embeds input that ca
 embedding rows (fewer rows than token ids), a zero-copy stand-in of full length (the first row
 broadcast), so vLLM's own length and mask checks run unchanged. Why: vLLM takes an embeds
 input's length from its rows. When it can go: with the ``vllm_utils`` patch.
+
+Also: ``InputProcessor.process_inputs`` moves the content digests of rows kept by uuid from
+the engine input (``SPAN_DIGESTS_KEY``, set by ``splice.build_embeds_input``) into the
+request's ``sampling_params.extra_args``, the field vLLM leaves to plugins, so the engine keys
+those blocks without hashing the rows again (``v1_core_kv_cache_utils``). Any value a client
+sent under that key (``vllm_xargs``) is dropped first: only the server sets it. When it can go:
+when vLLM's engine requests carry a content hash for embedding rows, as they do for media.
 """
 
 from __future__ import annotations
@@ -11,6 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from . import Patch, check
+from .v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
+
+_PROCESS_INPUTS_PARAMS = (
+    "self", "request_id", "prompt", "params", "supported_tasks", "arrival_time",
+    "lora_request", "tokenization_kwargs", "trace_headers", "priority", "data_parallel_rank",
+    "resumable", "session_id", "kv_hints",
+)  # fmt: skip
 
 
 def is_compact(engine_input: Any) -> bool:
@@ -26,7 +40,10 @@ def apply(patch: Patch) -> None:
 
     check(
         patch,
-        {"InputProcessor._validate_model_input": ("self", "prompt_input", "prompt_type")},
+        {
+            "InputProcessor._validate_model_input": ("self", "prompt_input", "prompt_type"),
+            "InputProcessor.process_inputs": _PROCESS_INPUTS_PARAMS,
+        },
     )
     cls = input_processor.InputProcessor
     original = cls._validate_model_input
@@ -40,3 +57,26 @@ def apply(patch: Patch) -> None:
         original(self, prompt_input, prompt_type)
 
     cls._validate_model_input = _validate_model_input  # type: ignore[method-assign]
+    original_process = cls.process_inputs
+
+    def process_inputs(self: Any, request_id: str, prompt: Any, params: Any, *args: Any,
+                       **kwargs: Any) -> Any:  # fmt: skip
+        request = original_process(self, request_id, prompt, params, *args, **kwargs)
+        carry_span_digests(request, prompt)
+        return request
+
+    cls.process_inputs = process_inputs  # type: ignore[method-assign]
+
+
+def carry_span_digests(request: Any, engine_input: Any) -> None:
+    """Put the server's span digests (only those) into the request's ``extra_args``."""
+    params = request.sampling_params
+    if params is None:
+        return
+    extra = dict(params.extra_args or {})
+    extra.pop(SPAN_DIGESTS_KEY, None)  # never a client's
+    digests = engine_input.get(SPAN_DIGESTS_KEY) if isinstance(engine_input, dict) else None
+    if digests and is_compact(engine_input):
+        extra[SPAN_DIGESTS_KEY] = digests
+    if extra != (params.extra_args or {}):
+        params.extra_args = extra or None

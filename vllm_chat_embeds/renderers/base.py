@@ -24,7 +24,7 @@ from ..payload import PayloadSpec
 from .parts import (
     EmbedsPlan,
     extract_parts,
-    has_embeds_parts,
+    has_embeds_data,
     reject_reserved_text,
     reserve_placeholder_text,
 )
@@ -84,7 +84,7 @@ class EmbedsRendererMixin:
     async def _take_parts_async(
         self, messages: list[Any], params: Any
     ) -> tuple[list[Any], EmbedsPlan | None]:
-        if not has_embeds_parts(messages):
+        if not has_embeds_data(messages):  # no parts, or parts by uuid only: no decoding
             return self._take_parts(messages, params)
         # Decoding is CPU work: keep it off the event loop.
         loop = asyncio.get_running_loop()

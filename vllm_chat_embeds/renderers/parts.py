@@ -187,6 +187,11 @@ def has_embeds_parts(messages: Sequence[Any]) -> bool:
     return bool(_located_parts(messages))
 
 
+def has_embeds_data(messages: Sequence[Any]) -> bool:
+    """Whether any prompt_embeds part carries ``data`` to decode (not only a ``uuid``)."""
+    return any(slot.get(messages).get("data") is not None for slot in _located_parts(messages))
+
+
 def first_embeds_part(messages: Sequence[Any]) -> str | None:
     """Where the first prompt_embeds part sits (``messages[i].content[j]``), if any."""
     located = _located_parts(messages)

@@ -29,8 +29,9 @@ from ..errors import reject
 from ..limits import DroppedPolicy
 from ..log import logger
 from ..patches.entrypoints_serve_tokenize_serving import note_embeds_rows
+from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 from ..placeholder import PLACEHOLDER_TOKEN
-from ..stores.references import content_hash
+from ..stores.references import content_hash, kept_rows_digest
 from .parts import EmbedsPlan
 
 EMBED_ROW_TOKEN_ID: Final = 0
@@ -129,12 +130,18 @@ def build_embeds_input(
     # vocabulary with prompt ids (prompt logprobs) would fail on it.
     ids[positions] = EMBED_ROW_TOKEN_ID
     note_embeds_rows(is_token)
-    return embeds_input(
+    engine_input = embeds_input(
         prompt_embeds=prompt_embeds,
         prompt_token_ids=ids.tolist(),
         is_token_ids=is_token.tolist(),
         cache_salt=cache_salt,
     )
+    digests = [kept_rows_digest(span) for span in spans] if compact else []
+    if any(d is not None for d in digests):
+        # Rows kept by uuid: the engine keys their blocks by these (v1_core_kv_cache_utils).
+        spans_info = [[int(s.shape[0]), d] for s, d in zip(spans, digests, strict=True)]
+        cast(dict, engine_input)[SPAN_DIGESTS_KEY] = spans_info
+    return engine_input
 
 
 def _rows_hash(hasher: MMHasherAlgorithm, rows: torch.Tensor) -> str:

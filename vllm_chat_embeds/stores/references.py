@@ -6,10 +6,12 @@ turn. A part that carries a ``uuid`` and its ``data`` leaves its decoded, valida
 a later part with the same ``uuid`` and no ``data`` gets those rows back without any of that.
 
 Why it is safe to trust client uuids: nothing downstream is keyed by the uuid. The engine keys
-prefix-cache blocks by the rows' content (``patches/v1_core_kv_cache_utils.py``), and rows beside
-images by their content hash (``content_hash``), so two uuids holding the same rows share cache
-entries and one uuid re-sent with other rows gets other answers. What the uuid gives is access:
-any client that knows a uuid can use its rows, so uuids should be random.
+prefix-cache blocks by the rows' content: over kept rows by the SHA-256 computed once when they
+were kept (``kept_rows_digest``, see ``patches/v1_core_kv_cache_utils.py``), beside images by
+their multimodal hash (``content_hash``). So two uuids holding the same rows share cache
+entries, one uuid re-sent with other rows gets other answers, and a reference costs no rehash.
+What the uuid gives is access: any client that knows a uuid can use its rows, so uuids should
+be random.
 
 One store per process that renders chats (each API server, or the ``LLM`` process), bounded by
 ``CHAT_EMBEDS_REFERENCE_BYTES`` (least recently used out first, ``0``: off). Thread-safe: the
@@ -18,6 +20,7 @@ async renderer decodes parts in an executor thread.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -40,8 +43,23 @@ def _own_rows(rows: torch.Tensor) -> torch.Tensor:
     afterwards; and the store's byte count is then exactly what it keeps alive.
     """
     kept = rows.detach().clone(memory_format=torch.contiguous_format)
-    setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed on first use
+    setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed once
+    kept_rows_digest(kept)  # here, off the event loop (the async renderer's executor)
     return kept
+
+
+def _sha256(rows: torch.Tensor) -> str:
+    digest = hashlib.sha256(f"{rows.dtype}:{tuple(rows.shape)}:".encode())
+    digest.update(rows.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def kept_rows_digest(rows: torch.Tensor) -> str | None:
+    """The SHA-256 of rows the store keeps (of their dtype, shape and bytes), computed once;
+    None for any other rows. The engine keys prefix-cache blocks over kept rows by it."""
+    if getattr(rows, _HASHES_ATTR, None) is None:
+        return None
+    return content_hash(rows, "sha256", _sha256)
 
 
 @dataclass

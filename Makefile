@@ -80,8 +80,10 @@ $(STAMP033): $(STAMP) tools/build_vllm033_venv.py
 	$(BIN)/python tools/build_vllm033_venv.py --source $(VENV) --dest $(VENV033) \
 		--cache $(WHEELS) --repo $(CURDIR)
 
+# e.g. make bench VLLM=0.33 BENCH_ARGS="--only hostile_side_by_side"
+BENCH_ARGS ?=
 bench: $(RUN_STAMP)
-	$(RUN_BIN)/python benchmarks/run_all.py
+	$(RUN_BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

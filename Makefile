@@ -20,21 +20,15 @@ else
 $(error VLLM must be 0.32 or 0.33, not $(VLLM))
 endif
 # The end-to-end core, run a second time on the 0.33 harness by `make test` (the full suite
-# runs on 0.32): parity (hf, mistral), hostile table, echo/prompt_logprobs, compact transport,
-# /v1/responses, /tokenize, images, startup, templates, the compat table.
-CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
-	tests/e2e/test_startup.py tests/e2e/test_chat_parity_online.py \
+# runs on 0.32): every unit test, startup, parity (hf, mistral), hostile table,
+# echo/prompt_logprobs, /tokenize, templates, compact transport, /v1/responses, images, and the
+# other modes' renderers without their live servers.
+CORE_TESTS := tests/unit tests/e2e/test_startup.py tests/e2e/test_chat_parity_online.py \
 	tests/e2e/test_hostile_online.py tests/e2e/test_logprobs_echo_online.py \
 	tests/e2e/test_tokenize_online.py tests/e2e/test_templates_online.py \
 	tests/e2e/test_compact_engine.py tests/e2e/test_responses_online.py \
-	tests/e2e/test_mistral_mode.py tests/e2e/test_images_online.py
-MODELS := .models
-DEMO_MODEL := $(MODELS)/smollm2-135m-instruct
-HOST ?= 127.0.0.1
-PORT ?= 8000
-# Flags that work on a 2-core CPU machine; float32 on CPU on purpose (bfloat16 answers wrong).
-CPU_FLAGS := --dtype float32 --enforce-eager --max-model-len 2048 --max-num-seqs 4 \
-	--kv-cache-memory-bytes 268435456
+	tests/e2e/test_mistral_mode.py tests/e2e/test_images_online.py \
+	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
 
 .PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model
 

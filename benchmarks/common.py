@@ -47,6 +47,7 @@ __all__ = [
     "Server",
     "build_tiny_model",
     "exit_on_sigterm",
+    "results_stem",
     "vllm_cache_root",
     "write_results",
 ]
@@ -136,9 +137,19 @@ class ManagedServer:
         self.stop()
 
 
+def results_stem(name: str) -> str:
+    """``name`` on vLLM 0.32; ``name.vllm-0.33`` on the 0.33 harness (``make bench VLLM=0.33``),
+    so runs on both series sit side by side."""
+    from vllm_chat_embeds.compat.vllm_api import SUPPORTED_SERIES, layout
+
+    series = layout()
+    return name if series == SUPPORTED_SERIES[0] else f"{name}.vllm-{series}"
+
+
 def write_results(name: str, data: Any) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (the directory is git-ignored)."""
+    """Write ``benchmarks/results/<name>.json`` (the directory is git-ignored), tagged with the
+    vLLM series when it is not 0.32 (``results_stem``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{results_stem(name)}.json"
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return path

@@ -5,7 +5,8 @@ the same requests, so the differences (and the requests that kill the built-in's
 documented with real output rather than claims. Not a test: it never fails on a difference.
 
 It builds the tiny test model, starts ``vllm serve`` with the plugin, then with
-``VLLM_PLUGINS=""`` (vLLM 0.32's built-in prompt_embeds chat support), both with
+``VLLM_PLUGINS=""`` (the built-in prompt_embeds chat support of the vLLM in this venv: 0.32,
+or 0.33 on the harness of ``make venv-vllm033``), both with
 ``--enable-prompt-embeds``, ``--trust-request-chat-template`` (for the reordering-template case)
 and the CPU flags of ``tests/conftest.py``. For each case it records the HTTP status, the first
 100 characters of the error message (for a 200: the prompt token count and the reply) and

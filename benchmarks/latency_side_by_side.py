@@ -81,6 +81,7 @@ from common import (  # noqa: E402
     EmbeddingTable,
     Server,
     exit_on_sigterm,
+    results_stem,
     vllm_cache_root,
     write_results,
 )
@@ -849,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         print_throughput(tput, grid)
     failed = sum(s.status != 200 for s in samples) + sum(t["failed"] for t in tput)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    png = RESULTS / f"{NAME}.png"
+    png = RESULTS / f"{results_stem(NAME)}.png"
     plot(
         rows,
         png,

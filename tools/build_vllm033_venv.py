@@ -98,19 +98,27 @@ def write_metadata_alias(site: Path, version: str) -> None:
 
 
 def repoint_scripts(venv: Path, source: Path) -> int:
-    """Console scripts and activate scripts of a copied venv still name the source venv."""
-    old, new = str(source.resolve()), str(venv.resolve())
+    """Point the copy's scripts at the copy: shebangs naming any venv's python (the source, or
+    whatever the source itself was copied from) and activate scripts naming the source."""
+    old, new = str(source.resolve()).encode(), str(venv.resolve()).encode()
+    python = str(venv.resolve() / "bin" / "python").encode()
     fixed = 0
     for script in (venv / "bin").iterdir():
         if script.is_symlink() or not script.is_file():
             continue
         data = script.read_bytes()
-        if b"\0" in data[:1024] or old.encode() not in data:
-            continue  # a binary, or nothing to fix
-        script.write_bytes(data.replace(old.encode(), new.encode()))
-        fixed += 1
+        if b"\0" in data[:1024]:
+            continue  # a binary
+        first, sep, rest = data.partition(b"\n")
+        if first.startswith(b"#!/") and first.rsplit(b"/", 2)[-2:-1] == [b"bin"]:
+            if first.rsplit(b"/", 1)[-1].startswith(b"python"):
+                first = b"#!" + python
+        fixed_data = (first + sep + rest).replace(old, new)
+        if fixed_data != data:
+            script.write_bytes(fixed_data)
+            fixed += 1
     cfg = venv / "pyvenv.cfg"
-    cfg.write_text(cfg.read_text().replace(old, new))
+    cfg.write_text(cfg.read_text().replace(old.decode(), new.decode()))
     return fixed
 
 

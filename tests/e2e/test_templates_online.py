@@ -2,7 +2,7 @@
 
 vLLM 0.32's built-in matches placeholders in parse order, so a template that renders messages
 in another order splices rows into the wrong span; it is marked as an expected failure there.
-vLLM 0.33's built-in follows the template's order (``compat.vllm_api.BUILTIN_FIXES``).
+vLLM 0.33's built-in follows the template's order (``compat.vllm_api.CHANGED_IN``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import requests
 from chat_cases import LAST_ONLY, REPEATED, REVERSED, STRING_CONTENT, as_text, render
 
 from vllm_chat_embeds import errors
-from vllm_chat_embeds.compat.vllm_api import builtin_has
+from vllm_chat_embeds.compat.vllm_api import vllm_has
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ def test_reordering_template_keeps_each_part_in_its_span(plugin_server, table):
 
 
 @pytest.mark.xfail(
-    not builtin_has("template_order"),
+    not vllm_has("builtin_template_order"),
     reason="vLLM 0.32's built-in matches placeholders in parse order",
     strict=True,
 )

@@ -16,8 +16,11 @@ Differences recorded (read from the 0.33.0 wheel; every other name we use is whe
   that defines or imports them, which is where a patch or a test trap must set them.
 - 0.33 gave the ``deepseek_v41`` tokenizer mode its own renderer class (image reordering); on
   0.32 that mode used ``DeepseekV4Renderer``.
-- 0.33's built-in prompt_embeds path follows the chat template's order of parts (numbered
-  placeholders); 0.32's matches them in parse order (``BUILTIN_FIXES``, for tests).
+- Behaviour that changed and that tests compare against (``CHANGED_IN``): 0.33's built-in
+  prompt_embeds path follows the chat template's order of parts (numbered placeholders; 0.32's
+  matches them in parse order); a streamed ``/v1/responses`` cut short by
+  ``max_output_tokens`` ends with ``response.incomplete`` on 0.33, ``response.completed`` on
+  0.32 (whose non-streamed status already says ``incomplete``).
 """
 
 from __future__ import annotations
@@ -56,9 +59,10 @@ WHERE: Final[dict[str, dict[str, str]]] = {
     },
 }
 
-# Built-in behaviour a series fixed -> the first series with the fix (tests compare against it).
-BUILTIN_FIXES: Final = {
-    "template_order": "0.33",  # rows follow the template's order of parts, not parse order
+# vLLM behaviour that changed -> the first series with the change (tests compare against it).
+CHANGED_IN: Final = {
+    "builtin_template_order": "0.33",  # built-in rows follow the template's order of parts
+    "responses_stream_incomplete_event": "0.33",  # length-capped streams end "incomplete"
 }
 
 
@@ -120,6 +124,6 @@ def resolve(canonical: str) -> Any:
     return getattr(importlib.import_module(module), attribute)
 
 
-def builtin_has(fix: str) -> bool:
-    """Whether vLLM's own prompt_embeds path on this vLLM has the fix named in BUILTIN_FIXES."""
-    return _key(layout()) >= _key(BUILTIN_FIXES[fix])
+def vllm_has(change: str) -> bool:
+    """Whether the running vLLM has the behaviour change named in ``CHANGED_IN``."""
+    return _key(layout()) >= _key(CHANGED_IN[change])

@@ -53,8 +53,13 @@ MANIFEST: Final = (
     Patch(
         name="v1_worker_gpu_model_runner",
         target="vllm.v1.worker.gpu_model_runner",
-        attributes=("GPUModelRunner._prepare_inputs", "GPUModelRunner._prepare_input_ids"),
-        why="compact transport: copy only the scheduled embedding rows each step (V1 runner)",
+        attributes=(
+            "GPUModelRunner._prepare_inputs",
+            "GPUModelRunner._prepare_input_ids",
+            "GPUModelRunner._preprocess",
+        ),
+        why="V1 runner: copy only the scheduled embedding rows each step (compact transport); "
+        "under LoRA, embed every scheduled position so the LoRA mapping lines up",
     ),
     Patch(
         name="v1_worker_gpu_model_states_prompt_embeds",

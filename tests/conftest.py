@@ -237,8 +237,7 @@ def feature_server(
         yield server
 
 
-@pytest.fixture(scope="session")
-def offline_llm(tiny_model: Path, vllm_cache_root: str):
+def make_offline_llm(tiny_model: Path, vllm_cache_root: str, **extra):
     """A real in-process ``LLM`` with the plugin and the built-in helpers trapped."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CACHE_ROOT", vllm_cache_root)
@@ -249,7 +248,7 @@ def offline_llm(tiny_model: Path, vllm_cache_root: str):
     trap.install()
     from vllm import LLM
 
-    llm = LLM(
+    return LLM(
         model=str(tiny_model),
         dtype="float32",
         enforce_eager=True,
@@ -257,7 +256,14 @@ def offline_llm(tiny_model: Path, vllm_cache_root: str):
         max_num_seqs=4,
         kv_cache_memory_bytes=64 * 1024 * 1024,
         enable_prompt_embeds=True,
+        **extra,
     )
+
+
+@pytest.fixture(scope="session")
+def offline_llm(tiny_model: Path, vllm_cache_root: str):
+    """A real in-process ``LLM`` with the plugin and the built-in helpers trapped."""
+    llm = make_offline_llm(tiny_model, vllm_cache_root)
     yield llm
     del llm
 

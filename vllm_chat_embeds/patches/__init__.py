@@ -100,6 +100,24 @@ MANIFEST: Final = (
         attributes=("_reject_reserved_placeholder_in_text",),
         why="the generic renderer's bounded part markers pass vLLM's reserved-text check",
     ),
+    Patch(
+        name="entrypoints_generate_beam_search_utils",
+        target="vllm.entrypoints.generate.beam_search.utils",
+        attributes=("BeamSearchSequence.get_prompt",),
+        why="beam search: a beam of an embeds prompt is its rows plus the beam's tokens",
+    ),
+    Patch(
+        name="entrypoints_generate_beam_search_online",
+        target="vllm.entrypoints.generate.beam_search.online",
+        attributes=("BeamSearchOnlineMixin.beam_search",),
+        why="beam search: chats with parts (embeds prompts) are served, not refused with 501",
+    ),
+    Patch(
+        name="entrypoints_generate_beam_search_offline",
+        target="vllm.entrypoints.generate.beam_search.offline",
+        attributes=("BeamSearchOfflineMixin.beam_search",),
+        why="beam search: LLM.beam_search serves embeds prompts",
+    ),
 )
 
 _applied: set[str] = set()

@@ -74,8 +74,13 @@ MANIFEST: Final = (
     Patch(
         name="v1_worker_gpu_model_runner",
         target="vllm.v1.worker.gpu_model_runner",
-        attributes=("GPUModelRunner._prepare_inputs", "GPUModelRunner._prepare_input_ids"),
-        why="compact transport: copy only the scheduled embedding rows each step (V1 runner)",
+        attributes=(
+            "GPUModelRunner._prepare_inputs",
+            "GPUModelRunner._prepare_input_ids",
+            "GPUModelRunner._preprocess",
+        ),
+        why="V1 runner: copy only the scheduled embedding rows each step (compact transport); "
+        "under LoRA, embed every scheduled position so the LoRA mapping lines up",
     ),
     Patch(
         name="v1_worker_gpu_model_states_prompt_embeds",
@@ -130,6 +135,24 @@ MANIFEST: Final = (
         target="vllm.renderers.chat_utils",
         attributes=("_reject_reserved_placeholder_in_text",),
         why="the generic renderer's bounded part markers pass vLLM's reserved-text check",
+    ),
+    Patch(
+        name="entrypoints_generate_beam_search_utils",
+        target="vllm.entrypoints.generate.beam_search.utils",
+        attributes=("BeamSearchSequence.get_prompt",),
+        why="beam search: a beam of an embeds prompt is its rows plus the beam's tokens",
+    ),
+    Patch(
+        name="entrypoints_generate_beam_search_online",
+        target="vllm.entrypoints.generate.beam_search.online",
+        attributes=("BeamSearchOnlineMixin.beam_search",),
+        why="beam search: chats with parts (embeds prompts) are served, not refused with 501",
+    ),
+    Patch(
+        name="entrypoints_generate_beam_search_offline",
+        target="vllm.entrypoints.generate.beam_search.offline",
+        attributes=("BeamSearchOfflineMixin.beam_search",),
+        why="beam search: LLM.beam_search serves embeds prompts",
     ),
 )
 

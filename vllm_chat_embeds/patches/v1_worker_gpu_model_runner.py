@@ -1,13 +1,25 @@
-"""Patch of ``vllm/v1/worker/gpu_model_runner.py``: copy only the scheduled embedding rows.
+"""Patch of ``vllm/v1/worker/gpu_model_runner.py``: compact rows, and LoRA beside embeddings.
 
-What: while ``GPUModelRunner._prepare_inputs`` runs, the input batch's per-request embeddings
-are hidden from vLLM's per-step copy (which slices them by absolute position, assuming one row
-per prompt position); just before ``_prepare_input_ids`` moves the step's inputs to the
-device, we write the rows of the scheduled embedding positions, and only those, into
-``inputs_embeds``. Token positions are filled by vLLM from the embedding table as before.
-Requests with one row per position (vLLM's own embeds prompts) are copied as vLLM does. This
-is the V1 runner (the CPU runner subclasses it; CUDA's fallback). When it can go: when vLLM
-carries embedding rows compactly itself.
+Compact transport. What: while ``GPUModelRunner._prepare_inputs`` runs, the input batch's
+per-request embeddings are hidden from vLLM's per-step copy (which slices them by absolute
+position, assuming one row per prompt position); just before ``_prepare_input_ids`` moves the
+step's inputs to the device, we write the rows of the scheduled embedding positions, and only
+those, into ``inputs_embeds``. Token positions are filled by vLLM from the embedding table as
+before. Requests with one row per position (vLLM's own embeds prompts) are copied as vLLM
+does. This is the V1 runner (the CPU runner subclasses it; CUDA's fallback). When it can go:
+when vLLM carries embedding rows compactly itself.
+
+LoRA. What: when LoRA is enabled and a step mixes embedding rows with token positions,
+``GPUModelRunner._preprocess`` first embeds **every** scheduled position (embedding positions
+as token id 0, a valid id) and keeps the rows at the embedding positions; vLLM's own partial
+lookup then sees no token position left to embed. Why: vLLM embeds only the token positions
+of such a step, but a LoRA-wrapped embedding layer applies the per-token LoRA mapping, which
+covers every scheduled position; the lengths differ and the worker dies (punica's
+``bgmv_expand``: ``einsum(): subscript b has size N ... M``), taking every tenant down. So an
+adapter's embedding-layer delta reaches token positions only: rows are final input embeddings.
+Multimodal models (vLLM embeds every position there) and the V2 runner (it embeds every
+position, then overlays the rows) need no change. When it can go: when vLLM's V1 runner
+embeds every scheduled position under LoRA itself (docs/upstream.md).
 """
 
 from __future__ import annotations
@@ -55,6 +67,42 @@ def copy_scheduled_rows(
         dst[torch.from_numpy(out + local)] = rows[first : first + local.size]
 
 
+class _NoTokenPositions:
+    """The step's ``is_token_ids`` buffer as vLLM's partial lookup should see it: every
+    scheduled position already embedded. A stand-in, so the (possibly pinned, in-flight)
+    buffer itself is never written."""
+
+    def __init__(self, buffer: Any, num_tokens: int) -> None:
+        self._buffer = buffer
+        self.np = np.zeros(num_tokens, dtype=bool)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._buffer, name)
+
+
+def embed_every_position(
+    embed: Any, input_ids: torch.Tensor, is_token_ids: torch.Tensor, inputs_embeds: torch.Tensor
+) -> None:
+    """Embed all positions (id 0 where a row is given) and keep the rows where they are."""
+    safe_ids = torch.where(is_token_ids, input_ids.clamp(min=0), torch.zeros_like(input_ids))
+    embedded = embed(input_ids=safe_ids)
+    inputs_embeds.copy_(torch.where(is_token_ids.unsqueeze(-1), embedded, inputs_embeds))
+
+
+def _lora_embeds_step(runner: Any, num_tokens: int) -> bool:
+    """A step the partial lookup would break: LoRA on, rows beside tokens, text-only model."""
+    if not (runner.lora_config and runner.enable_prompt_embeds and num_tokens > 0):
+        return False
+    if runner.supports_mm_inputs and not runner.model_config.is_encoder_decoder:
+        return False  # vLLM's multimodal branch embeds every position already
+    from vllm.distributed.parallel_state import get_pp_group
+
+    if not get_pp_group().is_first_rank:
+        return False
+    mask = runner.is_token_ids.np[:num_tokens]
+    return bool(mask.any()) and not bool(mask.all())  # rows only: vLLM embeds nothing
+
+
 def apply(patch: Patch) -> None:
     from vllm.v1.worker import gpu_model_runner
 
@@ -69,11 +117,18 @@ def apply(patch: Patch) -> None:
                 "total_num_scheduled_tokens",
                 "cu_num_tokens",
             ),
+            "GPUModelRunner._preprocess": (
+                "self",
+                "scheduler_output",
+                "num_input_tokens",
+                "intermediate_tensors",
+            ),
         },
     )
     cls = gpu_model_runner.GPUModelRunner
     original_prepare_inputs = cls._prepare_inputs
     original_prepare_input_ids = cls._prepare_input_ids
+    original_preprocess = cls._preprocess
 
     def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: Any) -> Any:
         batch = self.input_batch
@@ -115,3 +170,31 @@ def apply(patch: Patch) -> None:
 
     cls._prepare_inputs = _prepare_inputs  # type: ignore[method-assign]
     cls._prepare_input_ids = _prepare_input_ids  # type: ignore[method-assign]
+
+    def _preprocess(
+        self: Any,
+        scheduler_output: Any,
+        num_input_tokens: int,
+        intermediate_tensors: Any = None,
+    ) -> Any:
+        num_tokens = int(scheduler_output.total_num_scheduled_tokens)
+        if not _lora_embeds_step(self, num_tokens):
+            return original_preprocess(
+                self, scheduler_output, num_input_tokens, intermediate_tensors
+            )
+        buffer = self.is_token_ids
+        embed_every_position(
+            self.model.embed_input_ids,
+            self.input_ids.gpu[:num_tokens],
+            buffer.gpu[:num_tokens],
+            self.inputs_embeds.gpu[:num_tokens],
+        )
+        self.is_token_ids = _NoTokenPositions(buffer, num_tokens)
+        try:
+            return original_preprocess(
+                self, scheduler_output, num_input_tokens, intermediate_tensors
+            )
+        finally:
+            self.is_token_ids = buffer
+
+    cls._preprocess = _preprocess  # type: ignore[method-assign]

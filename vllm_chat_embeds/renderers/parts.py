@@ -23,9 +23,10 @@ from ..errors import reject
 from ..limits import Limits
 from ..payload import PayloadSpec, decode_payload
 from ..placeholder import PLACEHOLDER_TOKEN
+from ..stores.soft_prompts import named_part_rows
 
 PART_TYPE: Final = "prompt_embeds"
-ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape"})
+ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape", "name"})
 
 
 @dataclass(frozen=True)
@@ -196,9 +197,17 @@ def _check_keys(part: Mapping[str, Any], where: str) -> object:
     extra = sorted(str(k) for k in part if k not in ALLOWED_KEYS)
     if extra:
         reject(errors.UNKNOWN_KEYS, where=where, keys=extra, allowed=sorted(ALLOWED_KEYS))
+    if "name" in part:  # a soft prompt's rows, by name (stores/soft_prompts.py)
+        return named_part_rows(part, where)
     if "data" not in part or part["data"] is None:
         reject(errors.DATA_MISSING, where=where)
     return part["data"]
+
+
+def _named_rows_within(rows: Any, where: str, rows_left: int, spec: PayloadSpec) -> torch.Tensor:
+    if int(rows.shape[0]) > rows_left:
+        reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
+    return rows
 
 
 def extract_parts(
@@ -237,14 +246,17 @@ def extract_parts(
     out = list(messages)
     for index, (slot, data) in enumerate(zip(located, payloads, strict=True)):
         part = slot.get(messages)
-        tensor = decode_payload(
-            data,
-            slot.where,
-            replace(spec, max_rows=rows_left),
-            encoding=part.get("encoding"),
-            dtype=part.get("dtype"),
-            shape=part.get("shape"),
-        )
+        if "name" in part:  # rows of a soft prompt, checked when it was loaded
+            tensor = _named_rows_within(data, slot.where, rows_left, spec)
+        else:
+            tensor = decode_payload(
+                data,
+                slot.where,
+                replace(spec, max_rows=rows_left),
+                encoding=part.get("encoding"),
+                dtype=part.get("dtype"),
+                shape=part.get("shape"),
+            )
         rows_left -= int(tensor.shape[0])
         marker = _marker(plan.nonce, index)
         plan.parts.append(EmbedsPart(where=slot.where, marker=marker, tensor=tensor))

@@ -1,0 +1,65 @@
+"""Soft prompts with ``LLM.chat`` / ``LLM.generate``: by name (``soft_prompt(name)``) equal to
+``PeftModel.generate``, and as named parts, in the session's one in-process ``LLM``."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MODELS
+from soft_prompt_peft import build_prompt_tuning, peft_greedy, prompt_rows, without_eos
+from vllm import SamplingParams
+
+import vllm_chat_embeds
+from vllm_chat_embeds.stores.soft_prompts import SoftPromptError
+
+pytestmark = pytest.mark.e2e
+
+MAX_TOKENS = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+MESSAGES = [
+    {"role": "system", "content": "You write Python."},
+    {"role": "user", "content": "def hello(world):"},
+]
+
+
+@pytest.fixture(scope="module")
+def soft(offline_llm, tiny_model):
+    """``sp-offline`` served by the in-process LLM, loaded after it was built."""
+    path = build_prompt_tuning(
+        tiny_model, MODELS / "soft-prompts" / "offline", virtual_tokens=7, seed=5
+    )
+    vllm_chat_embeds.load_soft_prompt("sp-offline", str(path))
+    return path
+
+
+def test_chat_and_generate_by_name_equal_peft_generate(offline_llm, tiny_model, soft):
+    base = offline_llm.chat(MESSAGES, GREEDY, use_tqdm=False)[0]
+    ids = list(base.prompt_token_ids)
+    expected = peft_greedy(tiny_model, soft, ids, MAX_TOKENS)
+    with vllm_chat_embeds.soft_prompt("sp-offline"):
+        chat = offline_llm.chat([MESSAGES, MESSAGES], GREEDY, use_tqdm=False)
+        generated = offline_llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)
+    for out in [*chat, *generated]:
+        assert without_eos(list(out.outputs[0].token_ids)) == expected
+        assert len(out.prompt_token_ids) == len(ids) + 7
+    # Outside the block the base model answers again.
+    after = offline_llm.chat(MESSAGES, GREEDY, use_tqdm=False)[0]
+    assert list(after.outputs[0].token_ids) == list(base.outputs[0].token_ids)
+
+
+def test_named_part_equals_the_rows_as_data(offline_llm, soft):
+    def content(part):
+        return [{"role": "user", "content": [{"type": "text", "text": "import os"}, part]}]
+
+    named = offline_llm.chat(
+        content({"type": "prompt_embeds", "name": "sp-offline"}), GREEDY, use_tqdm=False
+    )[0]
+    data = offline_llm.chat(
+        content({"type": "prompt_embeds", "data": prompt_rows(soft)}), GREEDY, use_tqdm=False
+    )[0]
+    assert list(named.outputs[0].token_ids) == list(data.outputs[0].token_ids)
+
+
+def test_unknown_name_raises_before_rendering(offline_llm, soft):
+    with pytest.raises(SoftPromptError, match="sp-nope"):
+        with vllm_chat_embeds.soft_prompt("sp-nope"):
+            offline_llm.chat(MESSAGES, GREEDY, use_tqdm=False)

@@ -19,6 +19,9 @@ Prefix cache: 20 requests to the soft prompt sharing a system message and differ
 user question (no cache_salt), one after another; hit rate = cached prompt tokens / prompt
 tokens over requests 2..20, and how many of them hit at all. The same for the base model.
 
+Renderer work (in-process, no server): the median time ``build_embeds_input`` takes to put the
+20 rows before an ``L``-token prompt, the plugin's own share of the added cost.
+
     .venv/bin/python benchmarks/soft_prompt_cost.py [--quick] [--runs N] [--length L]
 
 Prints the tables, writes ``benchmarks/results/soft_prompt_cost.json``.
@@ -175,6 +178,22 @@ def prefix_cache(server: Server, chats: Chats, model: str) -> dict[str, Any]:
     }
 
 
+def renderer_cost(hidden: int, length: int, repeats: int = 200) -> float:
+    """Median ms the renderer spends putting 20 rows before a ``length``-token prompt
+    (placeholder ids prepended, spans located, compact embeds input built), in-process."""
+    from vllm_chat_embeds.renderers.splice import build_embeds_input
+
+    rows = torch.randn(VIRTUAL_TOKENS, hidden)
+    ids = list(range(5, 5 + length))
+    placeholder = 5 + length
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        build_embeds_input([placeholder] * VIRTUAL_TOKENS + ids, [rows], placeholder)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer runs")
@@ -198,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         with run_server(model, *flags, env=env) as server:
             lat = latency(server, chats, args.length, runs)
             caches = [prefix_cache(server, chats, m) for m in (SOFT_PROMPT, SERVED_NAME)]
+    lat["renderer_ms"] = renderer_cost(int(table.weight.shape[1]), args.length)
 
     print(f"\nTTFT, user turn of {lat['length']} tokens, median of {lat['runs']} runs (ms):")
     for key, ms in lat["ttft_ms"].items():
         print(f"  {key:<12} {ms:8.1f}   prompt_tokens {lat['prompt_tokens'].get(key)}")
     print(f"  soft prompt added (vs text):          {lat['added_ms']:+.1f} ms")
     print(f"  soft prompt added beyond text+20:     {lat['added_beyond_text20_ms']:+.1f} ms")
+    print(f"  renderer work for the 20 rows (in-process): {lat['renderer_ms']:.2f} ms")
     print(f"\nPrefix cache over requests 2..{SHARED_REQUESTS} sharing a 600-token system message:")
     for c in caches:
         print(

@@ -63,3 +63,34 @@ def test_unknown_name_raises_before_rendering(offline_llm, soft):
     with pytest.raises(SoftPromptError, match="sp-nope"):
         with vllm_chat_embeds.soft_prompt("sp-nope"):
             offline_llm.chat(MESSAGES, GREEDY, use_tqdm=False)
+
+
+@pytest.mark.parametrize("problem", ["prefix_tuning", "wrong_width", "nan"])
+def test_building_a_renderer_refuses_a_bad_entry_by_name(
+    tiny_model, tmp_path, monkeypatch, problem
+):
+    """What ``vllm serve`` and ``LLM(...)`` hit at start-up: the renderer reads the variable."""
+    import torch
+    from safetensors.torch import save_file
+    from soft_prompt_peft import build_prefix_tuning
+    from vllm.config import ModelConfig, VllmConfig
+    from vllm.renderers.registry import renderer_from_config
+
+    vllm_chat_embeds.register()
+    good = build_prompt_tuning(tiny_model, MODELS / "soft-prompts" / "a", virtual_tokens=6, seed=1)
+    if problem == "prefix_tuning":
+        bad = build_prefix_tuning(tiny_model, tmp_path / "prefix")
+        expected = "is a PEFT PREFIX_TUNING checkpoint"
+    else:
+        rows = torch.randn(3, 32 if problem == "wrong_width" else 64)
+        if problem == "nan":
+            rows[1, 1] = float("nan")
+        bad = tmp_path / "bad.safetensors"
+        save_file({"rows": rows}, str(bad))
+        expected = "width 32 does not match" if problem == "wrong_width" else "NaN"
+    monkeypatch.setenv("CHAT_EMBEDS_SOFT_PROMPTS", f"good={good},bad={bad}")
+    config = ModelConfig(str(tiny_model), enable_prompt_embeds=True, dtype="float32")
+    with pytest.raises(SoftPromptError) as info:
+        renderer_from_config(VllmConfig(model_config=config))
+    assert str(info.value).startswith(f"Soft prompt bad={bad}: ")
+    assert expected in str(info.value)

@@ -280,3 +280,18 @@ def test_runtime_updates_are_refused_unless_enabled(plugin_server):
     assert error_of(response, 403) == errors.RUNTIME_DISABLED
     response = post(plugin_server, "/v1/unload_soft_prompt", {"name": "sp-x"})
     assert error_of(response, 403) == errors.RUNTIME_DISABLED
+
+
+def test_concurrent_requests_keep_their_own_soft_prompt(server):
+    """Requests to different soft prompts and the base model, in flight together, each get
+    exactly the answer they get alone (the soft prompt rides in each request's own context)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = ["sp-a", server.model, "sp-file", "sp-a", server.model, "sp-file", "sp-a", "sp-a"]
+    messages = CHATS["system_and_user"]
+    alone = {m: chat(server, m, messages)["choices"][0]["token_ids"] for m in set(models)}
+    with ThreadPoolExecutor(max_workers=len(models)) as pool:
+        together = list(pool.map(lambda m: chat(server, m, messages), models))
+    for model, out in zip(models, together, strict=True):
+        assert out["choices"][0]["token_ids"] == alone[model], model
+        assert out["model"] == model

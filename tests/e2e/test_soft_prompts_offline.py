@@ -46,6 +46,24 @@ def test_chat_and_generate_by_name_equal_peft_generate(offline_llm, tiny_model, 
     assert list(after.outputs[0].token_ids) == list(base.outputs[0].token_ids)
 
 
+def test_generate_embeds_prompts_by_name_get_the_rows_first(offline_llm, tiny_model, soft, table):
+    """Embeds prompts (all rows, or rows with ids and a mask) inside ``soft_prompt(name)``."""
+    ids = list(offline_llm.chat(MESSAGES, GREEDY, use_tqdm=False)[0].prompt_token_ids)
+    expected = peft_greedy(tiny_model, soft, ids, MAX_TOKENS)
+    rows = table.weight[ids]
+    mask = [True] * len(ids)
+    mask[1] = mask[2] = False  # two positions given as rows, the rest as ids
+    prompts = [
+        {"prompt_embeds": rows},
+        {"prompt_embeds": rows, "prompt_token_ids": ids, "prompt_is_token_ids": mask},
+    ]
+    with vllm_chat_embeds.soft_prompt("sp-offline"):
+        outs = offline_llm.generate(prompts, GREEDY, use_tqdm=False)
+    for out in outs:
+        assert without_eos(list(out.outputs[0].token_ids)) == expected
+        assert len(out.prompt_token_ids) == len(ids) + 7
+
+
 def test_named_part_equals_the_rows_as_data(offline_llm, soft):
     def content(part):
         return [{"role": "user", "content": [{"type": "text", "text": "import os"}, part]}]

@@ -133,6 +133,22 @@ def test_completions_by_name_equal_peft_generate_for_text_and_token_prompts(
         assert out["model"] == "sp-a"
 
 
+def test_completions_embeds_prompt_by_name_gets_the_rows_first(
+    server, tiny_model, checkpoints, table
+):
+    """A ``prompt_embeds`` completion sent to a soft prompt: its rows, then the client's."""
+    ids = post(server, "/tokenize", {"model": server.model, "prompt": "import os"}).json()["tokens"]
+    expected = peft_greedy(tiny_model, checkpoints["a"], ids, MAX_TOKENS)
+    body = {"model": "sp-a", "max_tokens": MAX_TOKENS, "temperature": 0.0, "return_token_ids": True}
+    response = post(
+        server, "/v1/completions", {**body, "prompt_embeds": tensor_b64(table.weight[ids])}
+    )
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert without_eos(out["choices"][0]["token_ids"]) == expected
+    assert out["usage"]["prompt_tokens"] == len(ids) + 6
+
+
 def test_single_tensor_file_equals_peft_generate_of_its_checkpoint(server, tiny_model, checkpoints):
     messages = CHATS["system_and_user"]
     expected = peft_greedy(tiny_model, checkpoints["b"], chat_ids(server, messages), MAX_TOKENS)

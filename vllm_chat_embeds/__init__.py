@@ -27,6 +27,30 @@ RENDERER_MODES: Final = tuple(RENDERERS)
 _registered = False
 
 
+def soft_prompt(name: str):  # -> contextlib.AbstractContextManager[SoftPrompt]
+    """Offline: serve a soft prompt as the model, as ``"model": name`` does online.
+
+    ``with vllm_chat_embeds.soft_prompt("sentiment"): llm.chat(messages, params)`` puts the
+    soft prompt's rows before every prompt rendered in the block (``LLM.chat`` and
+    ``LLM.generate``); ``CHAT_EMBEDS_SOFT_PROMPTS`` names the soft prompts, read when the
+    ``LLM`` is built.
+    """
+    from .stores.soft_prompts import soft_prompt as _soft_prompt
+
+    return _soft_prompt(name)
+
+
+def load_soft_prompt(name: str, path: str) -> None:
+    """Offline: serve the soft prompt at ``path`` (a PEFT prompt-tuning folder or a one-tensor
+    ``.safetensors`` file) under ``name`` in this process, after ``LLM(...)`` is built.
+
+    The checks are those of ``CHAT_EMBEDS_SOFT_PROMPTS``; a name already served is replaced.
+    """
+    from .stores.soft_prompts import STORE
+
+    STORE.add(name, path)
+
+
 def register() -> None:
     """Check the vLLM version, then route chat rendering of the served modes through ours.
 

@@ -187,6 +187,94 @@ REFERENCES_OFF: Final = (
     "{where}: prompt_embeds_reference_unknown: this server keeps no prompt_embeds parts by uuid "
     "(prompt_embeds_references_off, CHAT_EMBEDS_REFERENCE_BYTES=0); send the part with its data."
 )
+# -- Soft prompts: PEFT prompt tuning served by name (stores/soft_prompts.py) -----------------
+# Loading (startup and /v1/load_soft_prompt): SOFT_PROMPT_ENTRY, then one of the messages below.
+SOFT_PROMPT_ENTRY: Final = "Soft prompt {entry}: "
+SOFT_PROMPT_SYNTAX: Final = (
+    "expected name=path (CHAT_EMBEDS_SOFT_PROMPTS is a comma-separated list of name=path)."
+)
+SOFT_PROMPT_DUPLICATE: Final = "the name is listed twice in CHAT_EMBEDS_SOFT_PROMPTS."
+SOFT_PROMPT_BAD_NAME: Final = (
+    "the name {name!r} must start with a letter or digit and hold only letters, digits and "
+    "the characters . _ : / @ + -."
+)
+SOFT_PROMPT_NAME_TAKEN: Final = "the name {name!r} is the served model's own name."
+SOFT_PROMPT_MISSING: Final = "no such file or folder."
+SOFT_PROMPT_NOT_PEFT: Final = (
+    "expected a PEFT prompt-tuning folder (adapter_config.json and "
+    "adapter_model.safetensors) or a .safetensors file holding one 2-D tensor."
+)
+SOFT_PROMPT_UNREADABLE: Final = "cannot be read ({reason})."
+SOFT_PROMPT_PEFT_TYPE: Final = (
+    "is a PEFT {peft_type} checkpoint; only PROMPT_TUNING soft prompts are served (prefix "
+    "tuning acts on the KV cache, not on the input embeddings)."
+)
+SOFT_PROMPT_SUBMODULES: Final = (
+    "num_transformer_submodules is {got}; only 1 (decoder-only models) is served."
+)
+SOFT_PROMPT_NO_WEIGHTS: Final = "the folder holds none of {files}."
+SOFT_PROMPT_NO_TENSOR: Final = "{file} holds no 'prompt_embeddings' tensor (it holds {keys})."
+SOFT_PROMPT_TENSOR_COUNT: Final = (
+    "a .safetensors soft prompt must hold exactly one tensor; it holds {count}."
+)
+SOFT_PROMPT_ROW_COUNT: Final = (
+    "prompt_embeddings has {rows} rows but adapter_config.json says num_virtual_tokens is "
+    "{virtual}."
+)
+SOFT_PROMPT_NDIM: Final = (
+    "a soft prompt must be a 2-D tensor of shape (num_virtual_tokens, {width}); got {got}."
+)
+SOFT_PROMPT_DTYPE: Final = "the tensor has dtype {dtype}; a soft prompt must be floating point."
+SOFT_PROMPT_WIDTH: Final = "width {got} does not match this model's hidden size {width}."
+SOFT_PROMPT_ROWS: Final = (
+    "{rows} virtual tokens; a soft prompt needs at least 1 and fewer than the context length "
+    "{limit}."
+)
+SOFT_PROMPT_NOT_FINITE: Final = "the tensor holds NaN or infinite values (in the model's dtype)."
+SOFT_PROMPTS_NEED_EMBEDS: Final = (
+    "CHAT_EMBEDS_SOFT_PROMPTS needs the server started with --enable-prompt-embeds "
+    "(offline: LLM(..., enable_prompt_embeds=True))."
+)
+# Requests.
+SOFT_PROMPT_GONE: Final = (
+    "The soft prompt {name!r} named as the model was unloaded while the request was rendered."
+)
+SOFT_PROMPT_UNKNOWN_MODEL: Final = (
+    "{name!r} is not a soft prompt served here; served soft prompts: {served}."
+)
+NAMED_PART_KEYS: Final = (
+    "{where}: a prompt_embeds part with a 'name' takes no other key than 'type'; remove {keys} "
+    "(send either a soft prompt's name or the data)."
+)
+NAMED_PART_BAD_NAME: Final = (
+    "{where}.name must be a non-empty string naming a soft prompt for this prompt_embeds part; "
+    "got {got}."
+)
+NAMED_PART_UNKNOWN: Final = (
+    "{where}: the prompt_embeds part names soft prompt {name!r}, which this server does not "
+    "serve (served: {served})."
+)
+# /v1/load_soft_prompt and /v1/unload_soft_prompt.
+RUNTIME_DISABLED: Final = (
+    "Runtime soft prompt updates are disabled; start the server with "
+    "CHAT_EMBEDS_ALLOW_RUNTIME_SOFT_PROMPTS=1 to enable /v1/load_soft_prompt and "
+    "/v1/unload_soft_prompt."
+)
+RUNTIME_MULTI_SERVER: Final = (
+    "Runtime soft prompt updates are refused with --api-server-count {count}: each API server "
+    "process keeps its own soft prompts, so an update would reach only one of them. List the "
+    "soft prompts in CHAT_EMBEDS_SOFT_PROMPTS instead."
+)
+RUNTIME_NO_ROOT: Final = (
+    "Runtime soft prompt loading needs CHAT_EMBEDS_SOFT_PROMPTS_ROOT, the folder that loaded "
+    "paths must lie inside."
+)
+RUNTIME_OUTSIDE_ROOT: Final = (
+    "path {path!r} lies outside CHAT_EMBEDS_SOFT_PROMPTS_ROOT; only soft prompts inside it can "
+    "be loaded at runtime."
+)
+RUNTIME_BAD_FIELD: Final = "{field} must be a non-empty string."
+RUNTIME_NOT_LOADED: Final = "No soft prompt named {name!r} is loaded."
 
 
 def reject(template: str, parameter: str | None = None, **fields: object) -> NoReturn:

@@ -154,6 +154,28 @@ MANIFEST: Final = (
         attributes=("BeamSearchOfflineMixin.beam_search",),
         why="beam search: LLM.beam_search serves embeds prompts",
     ),
+    # -- soft prompts served by name (stores/soft_prompts.py) --------------------------------
+    Patch(
+        name="entrypoints_serve_engine_serving",
+        target="vllm.entrypoints.serve.engine.serving",
+        attributes=("BaseServing._check_model", "BaseServing._is_model_supported"),
+        why="soft prompt names pass the model check and reach the renderer",
+    ),
+    Patch(
+        name="entrypoints_openai_models_serving",
+        target="vllm.entrypoints.openai.models.serving",
+        attributes=(
+            "OpenAIServingModels.show_available_models",
+            "OpenAIServingModels.model_name",
+        ),
+        why="/v1/models lists soft prompts; responses name the soft prompt served",
+    ),
+    Patch(
+        name="entrypoints_launchers_app",
+        target="vllm.entrypoints.launchers.app",
+        attributes=("register_api_routers",),
+        why="POST /v1/load_soft_prompt and /v1/unload_soft_prompt",
+    ),
 )
 
 _applied: set[str] = set()

@@ -15,12 +15,14 @@ import asyncio
 from functools import cached_property
 from typing import Any, Final, cast
 
+import torch
 from vllm.renderers.base import BaseRenderer
 
 from .. import errors
 from ..errors import reject
 from ..limits import Limits
 from ..payload import PayloadSpec
+from ..stores import soft_prompts
 from .parts import (
     EmbedsPlan,
     extract_parts,
@@ -33,6 +35,8 @@ from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input
 # Private key under which the part tensors ride on the prompt dict from rendering to
 # `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
 SPANS_KEY: Final = "_vllm_chat_embeds_spans"
+# Set on a prompt dict once the request's soft prompt (model name) has been put before it.
+SOFT_PROMPT_KEY: Final = "_vllm_chat_embeds_soft_prompt"
 
 
 class EmbedsRendererMixin:
@@ -67,6 +71,28 @@ class EmbedsRendererMixin:
         if enabled:
             reserve_placeholder_text()
         return enabled
+
+    def _load_soft_prompts(self) -> None:
+        """Read ``CHAT_EMBEDS_SOFT_PROMPTS`` for this model, once per process (startup errors
+        name the entry). Called by every renderer's ``__init__``: renderers are built in every
+        process that renders, for ``vllm serve`` and ``LLM`` alike."""
+        enabled = self.embeds_enabled and self.placeholder_id is not None
+        soft_prompts.STORE.configure(self.model_config, embeds_enabled=enabled)
+
+    def _prepend_soft_prompt(self, prompt: Any) -> None:
+        """Put the soft prompt named as the request's model before the whole prompt.
+
+        Its rows become the first span, before BOS and the template's first token, where
+        ``PeftModel.generate`` puts them; the parts' spans follow.
+        """
+        prompt = cast(dict[str, Any], prompt)
+        if prompt.get(SOFT_PROMPT_KEY) or (soft := soft_prompts.active()) is None:
+            return
+        assert self.placeholder_id is not None  # the store loads nothing without it
+        prompt[SOFT_PROMPT_KEY] = True
+        ids = list(prompt["prompt_token_ids"])
+        prompt["prompt_token_ids"] = [self.placeholder_id] * soft.num_virtual_tokens + ids
+        prompt[SPANS_KEY] = [soft.rows, *(prompt.get(SPANS_KEY) or [])]
 
     # -- prompt_embeds parts ------------------------------------------------------------------
 
@@ -106,6 +132,7 @@ class EmbedsRendererMixin:
         )
 
     def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        self._prepend_soft_prompt(prompt)
         engine_input = self._embeds_or_none(prompt)
         if engine_input is not None:
             return engine_input
@@ -115,6 +142,7 @@ class EmbedsRendererMixin:
         )
 
     async def _process_tokens_async(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        self._prepend_soft_prompt(prompt)
         engine_input = self._embeds_or_none(prompt)
         if engine_input is not None:
             return engine_input
@@ -132,6 +160,7 @@ class EmbedsRendererMixin:
         positions are never looked up as tokens: they are set to 0, as for our chat prompts.
         """
         engine_input = super()._process_embeds(prompt)  # type: ignore[misc]
+        self._prepend_soft_prompt_rows(engine_input)
         ids = engine_input.get("prompt_token_ids")
         if ids is None:
             return engine_input
@@ -151,6 +180,24 @@ class EmbedsRendererMixin:
             i if is_token else EMBED_ROW_TOKEN_ID for i, is_token in zip(ids, mask, strict=True)
         ]
         return engine_input
+
+    def _prepend_soft_prompt_rows(self, engine_input: Any) -> None:
+        """An embeds prompt given by the client, served by a soft prompt's name: its rows go
+        first, as embedding positions."""
+        soft = soft_prompts.active()
+        if soft is None:
+            return
+        embeds = engine_input["prompt_embeds"]
+        n = soft.num_virtual_tokens
+        engine_input["prompt_embeds"] = torch.cat([soft.rows.to(embeds.dtype), embeds])
+        ids = engine_input.get("prompt_token_ids")
+        if ids is None:
+            return
+        mask = engine_input.get("is_token_ids")
+        engine_input["prompt_token_ids"] = [EMBED_ROW_TOKEN_ID] * n + list(ids)
+        engine_input["is_token_ids"] = [False] * n + list(
+            mask if mask is not None else [False] * len(ids)
+        )
 
     def validate_token_ids(self, token_ids: Any, *, parameter: str | None = None) -> None:
         super().validate_token_ids(token_ids, parameter=parameter)  # type: ignore[misc]

@@ -115,6 +115,7 @@ class GenericEmbedsMixin(EmbedsRendererMixin):
             tokenizer, self.placeholder_id = with_placeholder_token(tokenizer)
         super().__init__(config, tokenizer)  # type: ignore[call-arg]
         self.limits = Limits.from_env()
+        self._load_soft_prompts()
         announce()
 
     def _finish(self, conversation: Any, prompt: Any, plan: EmbedsPlan) -> tuple[Any, Any]:

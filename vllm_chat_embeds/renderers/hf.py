@@ -64,6 +64,7 @@ class ChatEmbedsHfRenderer(EmbedsRendererMixin, HfRenderer):
         if self.tokenizer is not None:
             maybe_make_thread_pool(self.tokenizer, model_config.renderer_num_workers + 1)
         self.limits = Limits.from_env()
+        self._load_soft_prompts()
         announce()
 
     # -- rendering ----------------------------------------------------------------------------
@@ -155,11 +156,13 @@ class ChatEmbedsHfRenderer(EmbedsRendererMixin, HfRenderer):
         )
 
     def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        self._prepend_soft_prompt(prompt)  # before images: it is a span like a part's
         spans = _media_spans(prompt)
         engine_input = super()._process_tokens(prompt, skip_mm_cache=skip_mm_cache)
         return engine_input if spans is None else self._add_embeds_items(engine_input, spans)
 
     async def _process_tokens_async(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
+        self._prepend_soft_prompt(prompt)
         spans = _media_spans(prompt)
         engine_input = await super()._process_tokens_async(prompt, skip_mm_cache=skip_mm_cache)
         if spans is None:

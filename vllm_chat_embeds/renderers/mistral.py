@@ -43,6 +43,7 @@ class ChatEmbedsMistralRenderer(EmbedsRendererMixin, MistralRenderer):
         if tokenizer is not None and self.embeds_enabled:
             self.placeholder_id = _placeholder_id(tokenizer)
         self.limits = Limits.from_env()
+        self._load_soft_prompts()
         announce()
 
     def _parse_kwargs(self, params: Any) -> dict[str, Any]:

@@ -24,9 +24,10 @@ from ..limits import Limits
 from ..payload import PayloadSpec, decode_payload
 from ..placeholder import PLACEHOLDER_TOKEN
 from ..stores import references
+from ..stores.soft_prompts import named_part_rows
 
 PART_TYPE: Final = "prompt_embeds"
-ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape", "uuid"})
+ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape", "uuid", "name"})
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,8 @@ def _check_keys(part: Mapping[str, Any], where: str) -> object:
     extra = sorted(str(k) for k in part if k not in ALLOWED_KEYS)
     if extra:
         reject(errors.UNKNOWN_KEYS, where=where, keys=extra, allowed=sorted(ALLOWED_KEYS))
+    if "name" in part:  # a soft prompt's rows, by name (stores/soft_prompts.py)
+        return named_part_rows(part, where)
     uuid = _uuid(part, where)  # checked before anything is decoded
     data = part.get("data")
     if data is None and uuid is None:
@@ -223,10 +226,17 @@ def _uuid(part: Mapping[str, Any], where: str) -> str | None:
     return uuid
 
 
+def _named_rows_within(rows: Any, where: str, rows_left: int, spec: PayloadSpec) -> torch.Tensor:
+    if int(rows.shape[0]) > rows_left:
+        reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
+    return rows
+
+
 def _resolve_rows(
     located: list[_Slot], payloads: list[object], messages: Sequence[Any], spec: PayloadSpec
 ) -> list[torch.Tensor]:
-    """Each part's rows: decoded from its ``data``, or kept under its ``uuid`` from before.
+    """Each part's rows: decoded from its ``data``, a soft prompt's by its ``name``, or kept
+    under its ``uuid`` from before.
 
     Parts with data come first (in order), so a uuid sent with data anywhere in this request
     names those rows for the whole request; they are kept once all of them decoded.
@@ -239,14 +249,17 @@ def _resolve_rows(
         if data is None:
             continue
         part = slot.get(messages)
-        tensor = decode_payload(
-            data,
-            slot.where,
-            replace(spec, max_rows=rows_left),
-            encoding=part.get("encoding"),
-            dtype=part.get("dtype"),
-            shape=part.get("shape"),
-        )
+        if "name" in part:  # a soft prompt's rows, checked when it was loaded
+            tensor = _named_rows_within(cast(torch.Tensor, data), slot.where, rows_left, spec)
+        else:
+            tensor = decode_payload(
+                data,
+                slot.where,
+                replace(spec, max_rows=rows_left),
+                encoding=part.get("encoding"),
+                dtype=part.get("dtype"),
+                shape=part.get("shape"),
+            )
         rows_left -= int(tensor.shape[0])
         rows[i] = tensor
         uuid = _uuid(part, slot.where)

@@ -1,0 +1,37 @@
+"""Patch of ``vllm/entrypoints/launchers/app.py``: add the runtime soft prompt routes.
+
+What: ``build_app`` also attaches ``POST /v1/load_soft_prompt`` and ``/v1/unload_soft_prompt``
+(``soft_prompt_routes``). Why: vLLM's own way for plugins to add routes, the
+``vllm.endpoint_plugins`` entry point group, loads a plugin only when the operator names it in
+``VLLM_PLUGINS``, which is also the allowlist of general plugins; requiring that for two routes
+of a general plugin would be a trap. ``build_app`` looks ``register_api_routers`` up in its
+module's globals at call time, so wrapping that name reaches it. When it can go: when
+endpoint plugins can be enabled without narrowing the general-plugin allowlist.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import Patch, check
+
+
+def apply(patch: Patch) -> None:
+    from vllm.entrypoints.launchers import app as app_module
+
+    check(
+        patch,
+        {"register_api_routers": ("args", "app", "supported_tasks", "model_config")},
+    )
+    original = app_module.register_api_routers
+
+    def register_api_routers(
+        args: Any, app: Any, supported_tasks: Any, model_config: Any = None
+    ) -> None:
+        original(args, app, supported_tasks, model_config)
+        if "generate" in supported_tasks:
+            from ..soft_prompt_routes import attach
+
+            attach(app, int(getattr(args, "api_server_count", None) or 1))
+
+    app_module.register_api_routers = register_api_routers

@@ -19,11 +19,6 @@ from chat_cases import CASES, as_text, render
 pytestmark = pytest.mark.e2e
 
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 12}
-NEEDS_LORA_FIX = pytest.mark.xfail(
-    reason="needs the LoRA fix from issue-lora: a part sent to an adapter kills the engine",
-    strict=False,
-    run=False,  # running it would take the shared server down for every later test
-)
 
 
 def post(server, messages, **kwargs: Any) -> dict[str, Any]:
@@ -217,17 +212,15 @@ def test_concurrent_parts_and_sampling_keep_their_own_answers(feature_server, ta
     alone_then_together(feature_server, batch)
 
 
-@NEEDS_LORA_FIX
 def test_concurrent_adapters_on_text_beside_parts_on_the_base_model(feature_server, table):
-    """LoRA text requests and base-model part requests share batches (today a base-model
-    request with a part batched beside an adapter's text request kills the engine too)."""
+    """LoRA text requests and base-model part requests share batches (before the LoRA fix, a
+    base-model request with a part batched beside an adapter's text request killed the engine)."""
     case = CASES["interleaved"]
     batch = [(render(case, table.part), {}), (render(CASES["one_part"], table.part), {})]
     batch += [(as_text(case), {"model": name}) for name in ("lora-a", "lora-b")]
     alone_then_together(feature_server, batch)
 
 
-@NEEDS_LORA_FIX
 def test_concurrent_adapters_with_parts(feature_server, table):
     case = CASES["interleaved"]
     batch = [(render(case, table.part), {"model": m}) for m in ("lora-a", "lora-b", None)]
@@ -236,7 +229,6 @@ def test_concurrent_adapters_with_parts(feature_server, table):
     alone_then_together(feature_server, batch)
 
 
-@NEEDS_LORA_FIX
 @pytest.mark.parametrize("adapter", ["lora-a", "lora-b"])
 def test_lora_adapter_with_parts_keeps_parity(feature_server, table, adapter):
     reference = parity(feature_server, CASES["interleaved"], table, model=adapter)

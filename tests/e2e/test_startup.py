@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -32,7 +33,9 @@ def test_plugin_announces_itself_once_in_each_process(plugin_server):
 
 def test_unsupported_vllm_is_refused_at_startup(tiny_model, vllm_cache_root):
     env = server_env(trap=False, plugins=True, mp=False, cache_root=vllm_cache_root)
-    env["PYTHONPATH"] = str(FAKE_VERSION_DIR)
+    # Prepended, so a PYTHONPATH that points at a checkout (as in a worktree) still applies.
+    paths = [str(FAKE_VERSION_DIR), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["CHAT_EMBEDS_TEST_FAKE_VLLM_VERSION"] = "0.99.0"
     cmd = [VLLM, "serve", str(tiny_model), "--port", "1", *CPU_FLAGS]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

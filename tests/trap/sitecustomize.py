@@ -1,8 +1,9 @@
 """Test-only: make vLLM's built-in prompt_embeds helpers raise, in every process of a server.
 
 Put this directory on PYTHONPATH and set CHAT_EMBEDS_TEST_TRAP=1. Python imports
-``sitecustomize`` at start-up in the API server, the engine core and workers alike, so if any
-built-in helper still ran with the plugin active, the request would fail. This is the
+``sitecustomize`` at start-up in the API server, the engine core and workers alike; the trap is
+installed in each of them as soon as it loads vLLM's renderers (where the helpers live), so if
+any built-in helper still ran with the plugin active, the request would fail. This is the
 takeover proof of issue 3; it is never installed outside the test suite.
 """
 
@@ -51,5 +52,34 @@ def install() -> None:
     print("vllm-chat-embeds test trap: built-in prompt_embeds helpers disabled", file=sys.stderr)
 
 
+class _InstallOnVllmRenderers:
+    """Install the trap right after ``vllm.renderers.hf`` is first imported, not at start-up.
+
+    Why: every Python process started with this environment runs this file, the helper
+    processes torch starts too (inductor's CPU ISA probes, on the first compiled logprobs
+    gather), and importing vLLM in each of them cost the first logprobs or beam search request
+    of a trapped server tens of seconds. Processes that never load vLLM's renderers never need
+    the trap.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "vllm.renderers.hf":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            install()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
 if os.environ.get("CHAT_EMBEDS_TEST_TRAP") == "1":
-    install()
+    sys.meta_path.insert(0, _InstallOnVllmRenderers())

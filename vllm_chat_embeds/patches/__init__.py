@@ -217,6 +217,13 @@ def check(patch: Patch, expected: dict[str, Iterable[str]]) -> None:
             )
 
 
+def one_of(target: object, *shapes: tuple[str, ...]) -> tuple[str, ...]:
+    """The one of ``shapes`` (known parameter lists, e.g. of two vLLM series) that ``target``
+    takes, for ``check``; the first if none matches, so ``check`` reports the mismatch."""
+    params = tuple(inspect.signature(target).parameters)  # type: ignore[arg-type]
+    return params if params in shapes else shapes[0]
+
+
 def apply_all() -> None:
     """Apply each patch of the manifest once per process."""
     for patch in MANIFEST:

@@ -11,51 +11,37 @@ when vLLM's beam search extends embeds prompts itself (docs/upstream.md).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Final
 
 from ..beam_prompts import beam_root
-from . import Patch, check
+from . import Patch, check, one_of
 
 _PREPROCESS = "_preprocess_cmpl"
+_PARAMS: Final = ("self", "prompts", "params", "lora_request", "use_tqdm", "concurrency_limit")
+_PARAMS_WITH_PRIORITY: Final = (*_PARAMS, "priority")  # vLLM 0.33 adds the request priority
 
 
 def apply(patch: Patch) -> None:
     from vllm.entrypoints.generate.beam_search import offline
 
-    check(
-        patch,
-        {
-            "BeamSearchOfflineMixin.beam_search": (
-                "self",
-                "prompts",
-                "params",
-                "lora_request",
-                "use_tqdm",
-                "concurrency_limit",
-            )
-        },
-    )
     cls = offline.BeamSearchOfflineMixin
+    shape = one_of(cls.beam_search, _PARAMS, _PARAMS_WITH_PRIORITY)
+    check(patch, {"BeamSearchOfflineMixin.beam_search": shape})
     original = cls.beam_search
 
-    def beam_search(
-        self: Any,
-        prompts: Any,
-        params: Any,
-        lora_request: Any = None,
-        use_tqdm: bool = False,
-        concurrency_limit: int | None = None,
-    ) -> Any:
+    @functools.wraps(original)
+    def beam_search(self: Any, prompts: Any, *args: Any, **kwargs: Any) -> Any:
         preprocess = getattr(self, _PREPROCESS)
 
-        def with_roots(*args: Any, **kwargs: Any) -> list[Any]:
-            rendered = preprocess(*args, **kwargs)
+        def with_roots(*given: Any, **named: Any) -> list[Any]:
+            rendered = preprocess(*given, **named)
             return [beam_root(p) if p.get("type") == "embeds" else p for p in rendered]
 
         shadowed = self.__dict__.get(_PREPROCESS)
         setattr(self, _PREPROCESS, with_roots)
         try:
-            return original(self, prompts, params, lora_request, use_tqdm, concurrency_limit)
+            return original(self, prompts, *args, **kwargs)
         finally:
             if shadowed is None:
                 delattr(self, _PREPROCESS)

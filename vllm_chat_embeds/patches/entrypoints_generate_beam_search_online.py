@@ -10,47 +10,40 @@ extends embeds prompts itself (docs/upstream.md).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, Final
 
 from ..beam_prompts import beam_root
-from . import Patch, check
+from . import Patch, check, one_of
+
+_PARAMS: Final = (
+    "self",
+    "prompt",
+    "request_id",
+    "params",
+    "lora_request",
+    "trace_headers",
+    "session_id",
+)
+_PARAMS_WITH_PRIORITY: Final = (*_PARAMS, "priority")  # vLLM 0.33 adds the request priority
 
 
 def apply(patch: Patch) -> None:
     from vllm.entrypoints.generate.beam_search import online
 
-    check(
-        patch,
-        {
-            "BeamSearchOnlineMixin.beam_search": (
-                "self",
-                "prompt",
-                "request_id",
-                "params",
-                "lora_request",
-                "trace_headers",
-                "session_id",
-            )
-        },
-    )
     cls = online.BeamSearchOnlineMixin
+    shape = one_of(cls.beam_search, _PARAMS, _PARAMS_WITH_PRIORITY)
+    check(patch, {"BeamSearchOnlineMixin.beam_search": shape})
     original = cls.beam_search
 
+    @functools.wraps(original)
     async def beam_search(
-        self: Any,
-        prompt: Any,
-        request_id: str,
-        params: Any,
-        lora_request: Any = None,
-        trace_headers: Any = None,
-        session_id: str | None = None,
+        self: Any, prompt: Any, *args: Any, **kwargs: Any
     ) -> AsyncGenerator[Any, None]:
         if prompt.get("type") == "embeds":
             prompt = beam_root(prompt)
-        async for output in original(
-            self, prompt, request_id, params, lora_request, trace_headers, session_id
-        ):
+        async for output in original(self, prompt, *args, **kwargs):
             yield output
 
     cls.beam_search = beam_search  # type: ignore[method-assign]

@@ -16,15 +16,15 @@ Requests without parts go through vLLM's validation untouched.
 
 from __future__ import annotations
 
-import copy
 import typing
 from collections.abc import Mapping
 from typing import Any, Final
 
-from pydantic import ValidatorFunctionWrapHandler, WrapValidator
+from pydantic import ValidatorFunctionWrapHandler
 
 from .. import errors
 from ..errors import reject
+from ..message_schema import put_back, take_parts, widen_field
 from ..renderers.parts import (
     LocatedPart,
     is_embeds_part,
@@ -40,49 +40,22 @@ ROLES: Final = frozenset({"user", "system", "developer"})
 # What vLLM's validation sees in place of a part: valid in every message that takes a list.
 _STAND_IN: Final = {"type": "input_text", "text": ""}
 
-_Held = dict[int, list[tuple[int, Mapping[str, Any]]]]
 
-
-def _take_parts(items: list[Any]) -> tuple[list[Any], _Held]:
-    """``items`` with stand-ins for their prompt_embeds parts, and the parts by position."""
-    held: _Held = {}
-    stripped = list(items)
+def _check_roles(items: list[Any]) -> None:
+    """Refuse a part in a message whose role vLLM would not pass on with its content."""
     for i, item in enumerate(items):
         content = item.get("content") if isinstance(item, Mapping) else None
-        if not isinstance(content, list):
+        if not isinstance(content, list) or item.get("role") in ROLES:
             continue
-        parts = [(j, part) for j, part in enumerate(content) if is_embeds_part(part)]
-        if not parts:
-            continue
-        if item.get("role") not in ROLES:
+        first = next((j for j, part in enumerate(content) if is_embeds_part(part)), None)
+        if first is not None:
             reject(
-                errors.RESPONSES_ROLE,
-                where=f"input[{i}].content[{parts[0][0]}]",
-                role=item.get("role"),
+                errors.RESPONSES_ROLE, where=f"input[{i}].content[{first}]", role=item.get("role")
             )
-        held[i] = parts
-        stripped[i] = {
-            **item,
-            "content": [dict(_STAND_IN) if is_embeds_part(p) else p for p in content],
-        }
-    return stripped, held
 
 
-def _put_back(validated: list[Any], held: _Held) -> list[Any]:
-    out = list(validated)
-    for i, parts in held.items():
-        item = out[i]
-        if not (isinstance(item, dict) and isinstance(item.get("content"), list)):
-            raise RuntimeError(
-                f"vllm-chat-embeds: input[{i}] validated to {type(item).__name__}, not a "
-                "message dict; this vLLM version is not supported (patch "
-                "entrypoints_openai_responses_protocol)."
-            )
-        content = list(item["content"])
-        for j, part in parts:
-            content[j] = LocatedPart(part, where=f"input[{i}].content[{j}]")
-        out[i] = {**item, "content": content}
-    return out
+def _located(i: int, j: int, part: Any) -> LocatedPart:
+    return LocatedPart(part, where=f"input[{i}].content[{j}]")
 
 
 def validate_input(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
@@ -93,9 +66,10 @@ def validate_input(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         # Checked here, where the text still sits at its place in ``input``; the renderer
         # would see it in the chat messages vLLM builds and name those.
         reject_reserved_strings("input", value)
-    stripped, held = _take_parts(value)
+    _check_roles(value)
+    stripped, held = take_parts(value, _STAND_IN)
     validated = handler(stripped)
-    return _put_back(validated, held) if held else validated
+    return put_back(validated, held, _located) if held else validated
 
 
 def apply(patch: Patch) -> None:
@@ -113,9 +87,4 @@ def apply(patch: Patch) -> None:
             "vllm-chat-embeds: ResponsesRequest.input is missing or takes no list; this vLLM "
             f"version is not supported (patch {patch.name}: {patch.why})."
         )
-    if any(getattr(m, "func", None) is validate_input for m in field.metadata):
-        return
-    widened = copy.copy(field)
-    widened.metadata = [*field.metadata, WrapValidator(validate_input)]
-    model.__pydantic_fields__["input"] = widened
-    model.model_rebuild(force=True)
+    widen_field(patch, model, "input", validate_input)

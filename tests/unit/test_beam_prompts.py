@@ -1,11 +1,11 @@
-"""Beam roots and beam prompts of embeds prompts (``beam_prompts``)."""
+"""Beam roots and beam prompts of embeds prompts (``entrypoints.beam_prompts``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vllm_chat_embeds.beam_prompts import beam_prompt, beam_root, is_beam_root
+from vllm_chat_embeds.entrypoints.beam_prompts import beam_prompt, beam_root, is_beam_root
 
 pytestmark = pytest.mark.unit
 

@@ -193,7 +193,7 @@ def test_offline_helper_names_the_soft_prompt_for_the_block(tmp_path, monkeypatc
 
 
 def client(api_server_count: int = 1) -> TestClient:
-    from vllm_chat_embeds.soft_prompt_routes import attach
+    from vllm_chat_embeds.entrypoints.soft_prompt_routes import attach
 
     app = FastAPI()
     attach(app, api_server_count)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Final
 
-from ..beam_prompts import beam_root
+from ..entrypoints.beam_prompts import beam_root
 from . import Patch, check, one_of
 
 _PREPROCESS = "_preprocess_cmpl"

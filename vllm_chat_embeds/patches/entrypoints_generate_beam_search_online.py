@@ -14,7 +14,7 @@ import functools
 from collections.abc import AsyncGenerator
 from typing import Any, Final
 
-from ..beam_prompts import beam_root
+from ..entrypoints.beam_prompts import beam_root
 from . import Patch, check, one_of
 
 _PARAMS: Final = (

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..beam_prompts import beam_prompt, is_beam_root
+from ..entrypoints.beam_prompts import beam_prompt, is_beam_root
 from . import Patch, check
 
 

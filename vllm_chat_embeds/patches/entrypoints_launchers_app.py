@@ -1,7 +1,7 @@
 """Patch of ``vllm/entrypoints/launchers/app.py``: add the runtime soft prompt routes.
 
 What: ``build_app`` also attaches ``POST /v1/load_soft_prompt`` and ``/v1/unload_soft_prompt``
-(``soft_prompt_routes``). Why: vLLM's own way for plugins to add routes, the
+(``entrypoints.soft_prompt_routes``). Why: vLLM's own way for plugins to add routes, the
 ``vllm.endpoint_plugins`` entry point group, loads a plugin only when the operator names it in
 ``VLLM_PLUGINS``, which is also the allowlist of general plugins; requiring that for two routes
 of a general plugin would be a trap. ``build_app`` looks ``register_api_routers`` up in its
@@ -30,7 +30,7 @@ def apply(patch: Patch) -> None:
     ) -> None:
         original(args, app, supported_tasks, model_config)
         if "generate" in supported_tasks:
-            from ..soft_prompt_routes import attach
+            from ..entrypoints.soft_prompt_routes import attach
 
             attach(app, int(getattr(args, "api_server_count", None) or 1))
 

@@ -15,7 +15,7 @@ vLLM validates prompt_embeds parts eagerly and leaves their errors to the render
 
 from __future__ import annotations
 
-from ..message_schema import validate_conversations, validate_messages, widen_field
+from ..entrypoints.message_schema import validate_conversations, validate_messages, widen_field
 from . import Patch, check
 
 

@@ -23,8 +23,8 @@ from typing import Any, Final
 from pydantic import ValidatorFunctionWrapHandler
 
 from .. import errors
+from ..entrypoints.message_schema import put_back, take_parts, widen_field
 from ..errors import reject
-from ..message_schema import put_back, take_parts, widen_field
 from ..renderers.parts import (
     LocatedPart,
     is_embeds_part,

@@ -9,7 +9,7 @@ with that patch.
 
 from __future__ import annotations
 
-from ..message_schema import validate_messages, widen_field
+from ..entrypoints.message_schema import validate_messages, widen_field
 from . import Patch, check
 
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
-from .renderers.parts import is_embeds_part
+from ..renderers.parts import is_embeds_part
 
 # What vLLM's validation sees in place of a part: valid in a message of any role.
 TEXT_STAND_IN: Final = {"type": "text", "text": ""}

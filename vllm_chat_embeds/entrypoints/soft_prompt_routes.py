@@ -18,9 +18,9 @@ from typing import Any, Final
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from . import errors
-from .log import logger
-from .stores.soft_prompts import (
+from .. import errors
+from ..log import logger
+from ..stores.soft_prompts import (
     ENV_ROOT,
     STORE,
     SoftPromptError,

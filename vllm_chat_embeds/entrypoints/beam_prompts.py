@@ -19,7 +19,7 @@ from typing import Any, Final
 import torch
 from vllm.inputs import EmbedsInput, embeds_input
 
-from .renderers.splice import EMBED_ROW_TOKEN_ID
+from ..renderers.splice import EMBED_ROW_TOKEN_ID
 
 # The key under which a root carries its rows; nothing in vLLM reads it.
 ROOT_KEY: Final = "_vllm_chat_embeds_beam_rows"

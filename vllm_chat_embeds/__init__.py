@@ -6,7 +6,7 @@ The one way in is ``register()``, run by vLLM in every process through the
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 __version__: Final = "0.1.0"
 
@@ -40,14 +40,19 @@ def soft_prompt(name: str):  # -> contextlib.AbstractContextManager[SoftPrompt]
     return _soft_prompt(name)
 
 
-def load_soft_prompt(name: str, path: str) -> None:
+def load_soft_prompt(name: str, path: str, llm: Any = None) -> None:
     """Offline: serve the soft prompt at ``path`` (a PEFT prompt-tuning folder or a one-tensor
     ``.safetensors`` file) under ``name`` in this process, after ``LLM(...)`` is built.
 
     The checks are those of ``CHAT_EMBEDS_SOFT_PROMPTS``; a name already served is replaced.
+    Pass ``llm`` when the process holds more than one ``LLM``: the soft prompt is checked
+    against (and served for) that one's model; otherwise the last one built.
     """
     from .stores.soft_prompts import STORE
 
+    if llm is not None:
+        config = llm.model_config
+        STORE.configure(config, embeds_enabled=bool(config.enable_prompt_embeds))
     STORE.add(name, path)
 
 

@@ -16,8 +16,10 @@ pytestmark = pytest.mark.e2e
 POSITIONS = ("only_embeds", "one_part", "several_parts", "interleaved")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def lora_llm(tiny_model, vllm_cache_root):
+    # Session scope: deleting an in-process LLM tears down vLLM's process-wide distributed
+    # state, which would break every other LLM of this test process (``offline_llm``).
     llm = make_offline_llm(
         tiny_model, vllm_cache_root, enable_lora=True, max_lora_rank=8, max_loras=3
     )

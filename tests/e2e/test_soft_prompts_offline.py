@@ -27,7 +27,7 @@ def soft(offline_llm, tiny_model):
     path = build_prompt_tuning(
         tiny_model, MODELS / "soft-prompts" / "offline", virtual_tokens=7, seed=5
     )
-    vllm_chat_embeds.load_soft_prompt("sp-offline", str(path))
+    vllm_chat_embeds.load_soft_prompt("sp-offline", str(path), llm=offline_llm)
     return path
 
 

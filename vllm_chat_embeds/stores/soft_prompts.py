@@ -208,8 +208,12 @@ class SoftPromptStore:
         if shape == self.shape and embeds_enabled == self.embeds_enabled:
             return
         pairs = parse_entries(os.environ.get(ENV_SOFT_PROMPTS, ""))
-        if pairs and not embeds_enabled:
-            raise SoftPromptError(errors.SOFT_PROMPTS_NEED_EMBEDS)
+        if not embeds_enabled:
+            if pairs:
+                raise SoftPromptError(errors.SOFT_PROMPTS_NEED_EMBEDS)
+            # A renderer without prompt_embeds serves no soft prompt; it leaves the store to
+            # the renderers of this process that do (another ``LLM``).
+            return
         loaded = {}
         for name, path in pairs:
             if name in served_names:

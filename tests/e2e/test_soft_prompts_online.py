@@ -205,7 +205,7 @@ def test_unknown_model_name_is_404(server):
 # -- as a part ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("position", ["first", "middle", "last"])
+@pytest.mark.parametrize("position", ["alone", "first", "middle", "last"])
 def test_named_part_equals_the_same_rows_sent_as_data(server, checkpoints, position):
     named = {"type": "prompt_embeds", "name": "sp-a"}
     data = {"type": "prompt_embeds", "data": tensor_b64(prompt_rows(checkpoints["a"]))}
@@ -214,6 +214,7 @@ def test_named_part_equals_the_same_rows_sent_as_data(server, checkpoints, posit
 
     def content(part: dict) -> list[dict]:
         return {
+            "alone": [part],
             "first": [part, text_a],
             "middle": [text_a, part, text_b],
             "last": [text_a, part],

@@ -20,6 +20,7 @@ failed half-way is redone by the next ``make venv-vllm033``):
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,9 @@ def repoint_scripts(venv: Path, source: Path) -> int:
     """Point the copy's scripts at the copy: shebangs naming any venv's python (the source, or
     whatever the source itself was copied from) and activate scripts naming the source."""
     old, new = str(source.resolve()).encode(), str(venv.resolve()).encode()
+    # The source path only where it ends (a "/" or a quote or space follows): the copy's own path
+    # often starts with it (".venv" -> ".venv-vllm033") and must not be rewritten again.
+    source_path = re.compile(re.escape(old) + rb"(?=[/\s\"']|$)", re.MULTILINE)
     python = str(venv.resolve() / "bin" / "python").encode()
     fixed = 0
     for script in (venv / "bin").iterdir():
@@ -113,12 +117,12 @@ def repoint_scripts(venv: Path, source: Path) -> int:
         if first.startswith(b"#!/") and first.rsplit(b"/", 2)[-2:-1] == [b"bin"]:
             if first.rsplit(b"/", 1)[-1].startswith(b"python"):
                 first = b"#!" + python
-        fixed_data = (first + sep + rest).replace(old, new)
+        fixed_data = source_path.sub(new, first + sep + rest)
         if fixed_data != data:
             script.write_bytes(fixed_data)
             fixed += 1
     cfg = venv / "pyvenv.cfg"
-    cfg.write_text(cfg.read_text().replace(old.decode(), new.decode()))
+    cfg.write_bytes(source_path.sub(new, cfg.read_bytes()))
     return fixed
 
 
@@ -171,6 +175,9 @@ def verify(dest: Path, repo: Path, version: str) -> None:
         problems.append(f"vllm_chat_embeds loads from {plugin_file}, not from {repo}")
     if "vllm_chat_embeds:register" not in eps:
         problems.append("the chat_embeds entry point is not registered")
+    shebang = (dest / "bin" / "vllm").read_bytes().partition(b"\n")[0]
+    if shebang != b"#!" + str(dest.resolve() / "bin" / "python").encode():
+        problems.append(f"bin/vllm starts with {shebang!r}, not the harness's python")
     if problems:
         raise SystemExit("harness check failed: " + "; ".join(problems))
 

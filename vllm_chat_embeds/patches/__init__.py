@@ -154,6 +154,31 @@ MANIFEST: Final = (
         attributes=("BeamSearchOfflineMixin.beam_search",),
         why="beam search: LLM.beam_search serves embeds prompts",
     ),
+    # -- rows kept by uuid, kept again beside the engine (stores/engine_rows.py) -------------
+    Patch(
+        name="v1_engine_core_client",
+        target="vllm.v1.engine.core_client",
+        attributes=("SyncMPClient._send_input", "AsyncMPClient._send_input"),
+        why="references: send the engine core only the kept rows it does not hold yet",
+    ),
+    Patch(
+        name="v1_engine_core",
+        target="vllm.v1.engine.core",
+        attributes=("EngineCore.preprocess_add_request",),
+        why="references: put back the kept rows a request left behind",
+    ),
+    Patch(
+        name="v1_executor_multiproc_executor",
+        target="vllm.v1.executor.multiproc_executor",
+        attributes=("MultiprocExecutor.execute_model",),
+        why="references: send the workers only the kept rows they do not hold yet",
+    ),
+    Patch(
+        name="v1_worker_gpu_worker",
+        target="vllm.v1.worker.gpu_worker",
+        attributes=("Worker.execute_model",),
+        why="references: put back the kept rows a scheduled request left behind",
+    ),
     # -- soft prompts served by name (stores/soft_prompts.py) --------------------------------
     Patch(
         name="entrypoints_serve_engine_serving",

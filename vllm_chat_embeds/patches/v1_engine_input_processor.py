@@ -9,7 +9,8 @@ Also: ``InputProcessor.process_inputs`` moves the content digests of rows kept b
 the engine input (``SPAN_DIGESTS_KEY``, set by ``splice.build_embeds_input``) into the
 request's ``sampling_params.extra_args``, the field vLLM leaves to plugins, so the engine keys
 those blocks without hashing the rows again (``v1_core_kv_cache_utils``). Any value a client
-sent under that key (``vllm_xargs``) is dropped first: only the server sets it. When it can go:
+sent under that key or the rows wire's (``vllm_xargs``) is dropped first: only the server sets
+them. When it can go:
 when vLLM's engine requests carry a content hash for embedding rows, as they do for media.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..stores.engine_rows import WIRE_KEY
 from . import Patch, check
 from .v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 
@@ -75,6 +77,7 @@ def carry_span_digests(request: Any, engine_input: Any) -> None:
         return
     extra = dict(params.extra_args or {})
     extra.pop(SPAN_DIGESTS_KEY, None)  # never a client's
+    extra.pop(WIRE_KEY, None)  # nor this (stores/engine_rows.py)
     digests = engine_input.get(SPAN_DIGESTS_KEY) if isinstance(engine_input, dict) else None
     if digests and is_compact(engine_input):
         extra[SPAN_DIGESTS_KEY] = digests

@@ -30,6 +30,10 @@ PART_TYPE: Final = "prompt_embeds"
 ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape", "uuid", "name"})
 
 
+MARKER_OPEN: Final = "<|pe:"
+MARKER_CLOSE: Final = "|>"
+
+
 @dataclass(frozen=True)
 class EmbedsPart:
     where: str
@@ -54,6 +58,10 @@ class EmbedsPlan:
         A content list loses the text parts that stood for prompt_embeds parts.
         """
         if isinstance(value, str):
+            if self.nonce not in value:
+                return value
+            for marker in self.markers:  # str.replace: no pattern compiled per request
+                value = value.replace(marker, "")
             return self.any_marker.sub("", value) if self.nonce in value else value
         if isinstance(value, list):
             return [self.scrub(v) for v in value if not self._is_marker_part(v)]
@@ -63,16 +71,28 @@ class EmbedsPlan:
 
     def _is_marker_part(self, value: Any) -> bool:
         text = value.get("text") if isinstance(value, dict) else None
-        return isinstance(text, str) and self.any_marker.fullmatch(text) is not None
+        if not isinstance(text, str) or self.nonce not in text:
+            return False
+        return text in self.markers or self.any_marker.fullmatch(text) is not None
+
+    @property
+    def markers(self) -> frozenset[str]:
+        return frozenset(part.marker for part in self.parts)
 
     @cached_property
     def any_marker(self) -> re.Pattern[str]:
-        """Matches any marker of this plan (``_marker`` with this nonce)."""
-        return re.compile(re.escape(f"<|pe:{self.nonce}:") + r"\d+\|>")
+        """Matches any marker of this plan (``_marker`` with this nonce), even one whose index
+        is not a part's (compiled per request: the hot paths try ``markers`` first)."""
+        return re.compile(re.escape(self.marker_prefix) + r"\d+" + re.escape(MARKER_CLOSE))
+
+    @property
+    def marker_prefix(self) -> str:
+        """What every marker of this plan starts with."""
+        return f"{MARKER_OPEN}{self.nonce}:"
 
 
 def _marker(nonce: str, index: int) -> str:
-    return f"<|pe:{nonce}:{index}|>"
+    return f"{MARKER_OPEN}{nonce}:{index}{MARKER_CLOSE}"
 
 
 def is_embeds_part(part: object) -> bool:

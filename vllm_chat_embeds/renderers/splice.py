@@ -8,11 +8,11 @@ part's rows; a dropped part is detected instead of shifting the others.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import partial
 from typing import Final, cast
 
+import numpy as np
 import torch
 from vllm.config.multimodal import MMHasherAlgorithm
 from vllm.inputs.engine import EmbedsInput, MultiModalInput, embeds_input
@@ -32,7 +32,7 @@ from ..patches.entrypoints_serve_tokenize_serving import note_embeds_rows
 from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 from ..placeholder import PLACEHOLDER_TOKEN
 from ..stores.references import content_hash, kept_rows_digest
-from .parts import EmbedsPlan
+from .parts import MARKER_CLOSE, EmbedsPlan
 
 EMBED_ROW_TOKEN_ID: Final = 0
 # vLLM's passthrough modality for ready embedding rows, and the key its runners read them from.
@@ -48,18 +48,24 @@ def expand_markers(
     Returns the new text and the part tensors in the order their spans appear in it.
     """
     by_marker = {part.marker: part for part in plan.parts}
-    pattern = re.compile("|".join(re.escape(m) for m in by_marker))
+    prefix = plan.marker_prefix  # found with str.find: no pattern compiled per request
     pieces: list[str] = []
     spans: list[torch.Tensor] = []
     seen: set[str] = set()
     last = 0
-    for match in pattern.finditer(text):
-        part = by_marker[match.group(0)]
+    start = text.find(prefix)
+    while start != -1:
+        end = text.find(MARKER_CLOSE, start + len(prefix))
+        part = by_marker.get(text[start : end + len(MARKER_CLOSE)]) if end != -1 else None
+        if part is None:  # not a whole marker: left in place, refused below
+            start = text.find(prefix, start + 1)
+            continue
         seen.add(part.marker)
-        pieces.append(text[last : match.start()])
+        pieces.append(text[last:start])
         pieces.append(PLACEHOLDER_TOKEN * int(part.tensor.shape[0]))
         spans.append(part.tensor)
-        last = match.end()
+        last = end + len(MARKER_CLOSE)
+        start = text.find(prefix, last)
     pieces.append(text[last:])
     expanded = "".join(pieces)
     if plan.nonce in expanded.lower():  # token_hex nonces are lower case; catch re-cased ones
@@ -80,24 +86,41 @@ def apply_dropped_policy(plan: EmbedsPlan, seen: set[str], dropped: DroppedPolic
 
 
 def locate_spans(
-    ids: torch.Tensor, spans: Sequence[torch.Tensor], placeholder_id: int
-) -> tuple[torch.Tensor, list[int]]:
+    ids: np.ndarray, spans: Sequence[torch.Tensor], placeholder_id: int
+) -> tuple[np.ndarray, list[int]]:
     """The placeholder positions in ``ids`` (vectorised) and the first position of each span.
 
     A 400 unless the placeholders form exactly one whole run per part, in order.
     """
-    positions = torch.nonzero(ids == placeholder_id).flatten()
-    lengths = torch.tensor([int(t.shape[0]) for t in spans], dtype=torch.long)
-    expected = int(lengths.sum()) if len(spans) else 0
-    if positions.numel() != expected or not spans:
-        reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
+    positions = np.flatnonzero(ids == placeholder_id)
+    lengths = np.fromiter((int(t.shape[0]) for t in spans), dtype=np.int64, count=len(spans))
+    expected = int(lengths.sum())
+    if positions.size != expected or not spans:
+        reject(errors.SPANS_CUT, found=int(positions.size), expected=expected)
     # Positions ascend, so a span is contiguous iff its last and first positions differ by its
     # length minus one.
-    starts = torch.cumsum(lengths, 0) - lengths
+    starts = np.cumsum(lengths) - lengths
     ends = starts + lengths - 1
-    if not bool(torch.all(positions[ends] - positions[starts] == lengths - 1)):
-        reject(errors.SPANS_CUT, found=int(positions.numel()), expected=expected)
+    if not bool(np.all(positions[ends] - positions[starts] == lengths - 1)):
+        reject(errors.SPANS_CUT, found=int(positions.size), expected=expected)
     return positions, positions[starts].tolist()
+
+
+def _embedding_positions(
+    token_ids: Sequence[int], spans: Sequence[torch.Tensor], placeholder_id: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The prompt's ids with embedding positions set to ``EMBED_ROW_TOKEN_ID``, its
+    ``is_token_ids`` mask and each span's first position; the /tokenize listener is told."""
+    ids = np.array(token_ids, dtype=np.int64)  # a copy: the caller's ids stay as they were
+    positions, starts = locate_spans(ids, spans, placeholder_id)
+    is_token = np.ones(len(ids), dtype=bool)
+    is_token[positions] = False
+    # Embedding rows carry token id 0, the id vLLM's engine itself substitutes there: the
+    # placeholder id may lie past the model's vocabulary, and anything that indexes the
+    # vocabulary with prompt ids (prompt logprobs) would fail on it.
+    ids[positions] = EMBED_ROW_TOKEN_ID
+    note_embeds_rows(torch.from_numpy(is_token))
+    return ids, is_token, starts
 
 
 def build_embeds_input(
@@ -115,21 +138,13 @@ def build_embeds_input(
     ``patches/__init__.py`` teach vLLM's engine that layout. Dense: one row per position,
     zeros at token positions, as vLLM's built-in sends.
     """
-    ids = torch.as_tensor(token_ids, dtype=torch.long)
-    positions, _ = locate_spans(ids, spans, placeholder_id)
+    ids, is_token, _ = _embedding_positions(token_ids, spans, placeholder_id)
     rows = torch.cat(list(spans)) if len(spans) > 1 else spans[0]
-    is_token = torch.ones(len(ids), dtype=torch.bool)
-    is_token[positions] = False
     if compact:
         prompt_embeds = rows
     else:
         prompt_embeds = rows.new_zeros((len(ids), rows.shape[1]))
-        prompt_embeds[positions] = rows
-    # Embedding rows carry token id 0, the id vLLM's engine itself substitutes there: the
-    # placeholder id may lie past the model's vocabulary, and anything that indexes the
-    # vocabulary with prompt ids (prompt logprobs) would fail on it.
-    ids[positions] = EMBED_ROW_TOKEN_ID
-    note_embeds_rows(is_token)
+        prompt_embeds[torch.from_numpy(~is_token)] = rows
     engine_input = embeds_input(
         prompt_embeds=prompt_embeds,
         prompt_token_ids=ids.tolist(),
@@ -163,8 +178,7 @@ def add_embeds_items(
     one item holding only its rows, so this path is compact by construction. The spans are
     located after the image processor ran, since it expands each image token in place.
     """
-    ids = torch.as_tensor(engine_input["prompt_token_ids"], dtype=torch.long)
-    positions, starts = locate_spans(ids, spans, placeholder_id)
+    ids, _, starts = _embedding_positions(engine_input["prompt_token_ids"], spans, placeholder_id)
     items: list[MultiModalKwargsItem] = []
     hashes: list[str] = []
     ranges: list[PlaceholderRange] = []
@@ -175,10 +189,6 @@ def add_embeds_items(
         # uuid keep their hash beside them, so a reference is not hashed again.
         hashes.append(content_hash(rows, f"mm:{hasher}", partial(_rows_hash, hasher)))
         ranges.append(PlaceholderRange(offset=start, length=int(rows.shape[0])))
-    is_token = torch.ones(len(ids), dtype=torch.bool)
-    is_token[positions] = False
-    ids[positions] = EMBED_ROW_TOKEN_ID  # never looked up: the rows replace these embeddings
-    note_embeds_rows(is_token)
     engine_input["prompt_token_ids"] = ids.tolist()
     cast(dict, engine_input["mm_kwargs"])[EMBEDS_MODALITY] = items
     engine_input["mm_hashes"] = {**engine_input["mm_hashes"], EMBEDS_MODALITY: hashes}

@@ -308,6 +308,13 @@ def test_references_hit_the_prefix_cache_and_digests_cannot_be_forged(feature_se
     other = rows.flip(0).contiguous()
     plain = chat({"type": "prompt_embeds", "data": tensor_b64(other)})
     assert chat({"type": "prompt_embeds", "data": tensor_b64(other)}, **forged)[:2] == plain[:2]
+    # Nor can it claim the engine holds rows it did not send (stores/engine_rows.py): the
+    # forged wire (vllm_xargs values are strings, numbers or lists) is dropped, and the
+    # request is served with the rows it carries.
+    wire = {"_vllm_chat_embeds_rows_wire": ["u", uuid]}
+    with_data = {"type": "prompt_embeds", "data": tensor_b64(other)}
+    assert chat(with_data, vllm_xargs=wire)[:2] == plain[:2]
+    assert chat({"type": "prompt_embeds", "uuid": uuid}, vllm_xargs=wire)[:2] == sent[:2]
     assert feature_server.healthy()
 
 

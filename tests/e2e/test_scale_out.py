@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from uuid import uuid4
 
 import pytest
 import requests
@@ -18,6 +19,7 @@ from chat_cases import CASES, as_text, render
 from conftest import run_server, server_env
 
 import vllm_chat_embeds
+from vllm_chat_embeds.client import Conversation
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +44,32 @@ def check_parity(server, table, copies: int = 8) -> None:
     assert answers == references * (copies // len(names))
 
 
+def check_references(server, table, turns: int = 3) -> None:
+    """Conversations whose parts go by uuid after turn 1 answer as their text every turn, run
+    concurrently: the rows kept beside each engine core and worker (``stores/engine_rows.py``)
+    stand in for the rows sent. Behind several API servers a turn may miss and resend."""
+    names = ["interleaved", "every_role", "only_embeds", "multi_turn"]
+    references = [ask(server, as_text(CASES[n])) for n in names]
+    url = server.base_url + "/v1/chat/completions"
+
+    def conversation(name: str) -> list[str]:
+        chat = Conversation()
+        messages = render(CASES[name], lambda text: {**table.part(text), "uuid": uuid4().hex})
+
+        def create(messages):  # raises on an error answer, as the openai client does
+            body = {"model": server.model, "messages": messages, **GREEDY}
+            response = requests.post(url, json=body, timeout=180)
+            if response.status_code != 200:
+                raise RuntimeError(response.text)
+            return response.json()["choices"][0]["message"]["content"]
+
+        return [chat.send(create, messages=messages) for _ in range(turns)]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(conversation, names * 2))
+    assert answers == [[r] * turns for r in references] * 2
+
+
 def active_processes(server, pattern: str) -> set[str]:
     """Process labels (e.g. ``APIServer_1``) whose log says the plugin is active."""
     active = f"vllm_chat_embeds {vllm_chat_embeds.__version__} active"
@@ -60,6 +88,7 @@ def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_
     args = ["--enable-prompt-embeds", "--tensor-parallel-size", "2", "--api-server-count", "2"]
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table, copies=12)
+        check_references(server, table)
         assert len(active_processes(server, r"APIServer_\d+|ApiServer_\d+")) == 2, server.tail(80)
         assert len(active_processes(server, r"VllmWorker-\d+|Worker_TP\d+")) == 2, server.tail(80)
 
@@ -71,6 +100,7 @@ def test_data_parallel_2(tiny_model, table, vllm_cache_root):
     args = ["--enable-prompt-embeds", "--data-parallel-size", "2"]
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table)
+        check_references(server, table)
         engines = active_processes(server, r"EngineCore_DP\d+")
         assert len(engines) == 2, server.tail(80)
 

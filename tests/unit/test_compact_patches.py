@@ -123,8 +123,9 @@ def test_only_the_server_sets_span_digests():
 
     from vllm_chat_embeds.patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
     from vllm_chat_embeds.patches.v1_engine_input_processor import carry_span_digests
+    from vllm_chat_embeds.stores.engine_rows import WIRE_KEY
 
-    forged = {SPAN_DIGESTS_KEY: [[4, "00" * 32]], "mine": 1}
+    forged = {SPAN_DIGESTS_KEY: [[4, "00" * 32]], WIRE_KEY: {"ops": ["u"], "drop": []}, "mine": 1}
     request = SimpleNamespace(sampling_params=SimpleNamespace(extra_args=dict(forged)))
     engine_input = {"type": "embeds", "prompt_token_ids": MASK, "prompt_embeds": ROWS}
     carry_span_digests(request, engine_input)  # a client's value, no server's: dropped

@@ -237,7 +237,10 @@ def feature_server(
         # JSON without free whitespace: a random model otherwise pads JSON until max_tokens.
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
     ]  # fmt: skip
-    extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_TEST_BYTES)}
+    extra = {
+        "CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_TEST_BYTES),
+        "VLLM_ENABLE_RESPONSES_API_STORE": "1",  # previous_response_id over references
+    }
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     with run_server(tiny_model, *args, env=env) as server:
         yield server

@@ -12,6 +12,7 @@ import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import openai
 import pytest
 import requests
 import torch
@@ -147,6 +148,58 @@ def test_responses_api_by_reference(feature_server, table):
     error = response.json()["error"]
     assert errors.REFERENCE_UNKNOWN_CODE in error["message"], error
     assert error["message"].startswith("input[0].content[0]: ") and error["param"] == "input"
+
+
+def test_previous_response_id_over_a_reference_then_eviction(feature_server, table):
+    """A stored /v1/responses turn whose part went by uuid alone is history for the next turn
+    while its rows are kept. Once they are evicted, a turn chained to it gets the 400 with the
+    marker (never a 500, and the server goes on), and the history sent again with the part's
+    data answers as the same chain as text."""
+    text, uuid = " return world + 1", new_uuid()
+    head = {"type": "input_text", "text": "def hello(world):"}
+    follow_up = [{"role": "user", "content": [{"type": "input_text", "text": " and then?"}]}]
+
+    def create(items, **kwargs):
+        response = feature_server.client.responses.create(
+            model=feature_server.model,
+            input=items,
+            temperature=0.0,
+            max_output_tokens=8,
+            store=True,
+            **kwargs,
+        )
+        return response.output_text, response.usage.input_tokens, response.id
+
+    def first(part):
+        return [{"role": "user", "content": [head, part]}]
+
+    text_1 = create(first({"type": "input_text", "text": text}))
+    text_2 = create(follow_up, previous_response_id=text_1[2])
+    create(first({**table.part(text), "uuid": uuid}))  # the rows are kept from here on
+    ref_1 = create(first({"type": "prompt_embeds", "uuid": uuid}))
+    assert ref_1[:2] == text_1[:2]
+    assert create(follow_up, previous_response_id=ref_1[2])[:2] == text_2[:2]
+    # Evict the rows: other parts that fill the whole store.
+    width = int(table.weight.shape[1])
+    rows = REFERENCE_TEST_BYTES // (width * 4) // 3 + 1  # three of these do not fit
+    filler = table.rows(" 1 + 2").repeat(rows, 1)[:rows].contiguous()
+    for scale in (1.5, 2.0, 2.5):
+        part = {"type": "prompt_embeds", "data": tensor_b64(filler * scale), "uuid": new_uuid()}
+        response = post(feature_server, [{"role": "user", "content": [part]}])
+        assert response.status_code == 200, response.text
+    with pytest.raises(openai.BadRequestError) as info:
+        create(follow_up, previous_response_id=ref_1[2])
+    assert errors.REFERENCE_UNKNOWN_CODE in str(info.value)
+    assert uuid in str(info.value)
+    # The client resends the history with the part's data (no previous_response_id).
+    history = [
+        *first({**table.part(text), "uuid": uuid}),
+        {"role": "assistant", "content": text_1[0]},
+        *follow_up,
+    ]
+    resent = create(history)
+    assert resent[:2] == text_2[:2]
+    assert feature_server.healthy()
 
 
 def test_unknown_uuid_names_the_part_and_says_to_resend(feature_server, table):

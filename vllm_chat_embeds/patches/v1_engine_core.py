@@ -12,18 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..stores.engine_rows import KeptRows, span_digests, take_wire
+from ..stores.engine_rows import KeptRows, attached, span_digests, take_wire
 from . import Patch, check
-
-_KEPT = "_vllm_chat_embeds_kept_rows"
-
-
-def kept_for(core: Any, client_index: int) -> KeptRows:
-    by_client: dict[int, KeptRows] | None = getattr(core, _KEPT, None)
-    if by_client is None:
-        by_client = {}
-        setattr(core, _KEPT, by_client)
-    return by_client.setdefault(client_index, KeptRows())
 
 
 def restore_rows(core: Any, request: Any) -> None:
@@ -33,7 +23,7 @@ def restore_rows(core: Any, request: Any) -> None:
     if wire is None:
         return
     spans = span_digests(params) or []
-    kept = kept_for(core, int(request.client_index or 0))
+    kept = attached(core, int(request.client_index or 0), KeptRows)  # one per API server
     request.prompt_embeds = kept.resolve(spans, wire, request.prompt_embeds, request.request_id)
 
 

@@ -13,22 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..stores.engine_rows import HeldRows, rows_left_behind, sender_budget
+from ..stores.engine_rows import attached, new_sender, rows_left_behind
 from . import Patch, check
-
-_HELD = "_vllm_chat_embeds_held_rows"
-
-
-def held_for(client: Any, engine: Any) -> HeldRows:
-    """The client's record of what ``engine`` holds."""
-    by_engine: dict[Any, HeldRows] | None = getattr(client, _HELD, None)
-    if by_engine is None:
-        by_engine = {}
-        setattr(client, _HELD, by_engine)
-    key = bytes(engine) if engine is not None else b""
-    if key not in by_engine:
-        by_engine[key] = HeldRows(sender_budget())
-    return by_engine[key]
 
 
 def apply(patch: Patch) -> None:
@@ -53,7 +39,7 @@ def apply(patch: Patch) -> None:
             ):
                 return original(self, request_type, request, *args, **kwargs)
             engine = args[0] if args else kwargs.get("engine")
-            held = held_for(self, engine if engine is not None else self.core_engine)
+            held = attached(self, bytes(engine or self.core_engine or b""), new_sender)
             with rows_left_behind(held, request):
                 return original(self, request_type, request, *args, **kwargs)
 

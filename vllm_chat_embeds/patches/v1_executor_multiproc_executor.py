@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from ..stores.engine_rows import HeldRows, outgoing, sender_budget, span_digests
+from ..stores.engine_rows import attached, new_sender, outgoing, span_digests
 from . import Patch, check
 
 # The scheduler output's attribute holding {request id: wire} for the workers.
 WIRES_ATTR: Final = "_vllm_chat_embeds_row_wires"
-_HELD = "_vllm_chat_embeds_held_rows"
 
 
 def apply(patch: Patch) -> None:
@@ -34,10 +33,7 @@ def apply(patch: Patch) -> None:
         new_reqs = getattr(scheduler_output, "scheduled_new_reqs", None) or ()
         if not any(req.prompt_embeds is not None for req in new_reqs):
             return original(self, scheduler_output, non_block)
-        held: HeldRows | None = getattr(self, _HELD, None)
-        if held is None:
-            held = HeldRows(sender_budget())
-            setattr(self, _HELD, held)
+        held = attached(self, "workers", new_sender)
         wires: dict[str, Any] = {}
         restore: list[tuple[Any, Any]] = []
         for req in new_reqs:

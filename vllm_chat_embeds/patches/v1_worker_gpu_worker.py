@@ -11,21 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..stores.engine_rows import KeptRows, span_digests
+from ..stores.engine_rows import KeptRows, attached, span_digests
 from . import Patch, check
 from .v1_executor_multiproc_executor import WIRES_ATTR
-
-_KEPT = "_vllm_chat_embeds_kept_rows"
 
 
 def restore_rows(worker: Any, scheduler_output: Any) -> None:
     wires: dict[str, Any] | None = getattr(scheduler_output, WIRES_ATTR, None)
     if not wires:
         return
-    kept: KeptRows | None = getattr(worker, _KEPT, None)
-    if kept is None:
-        kept = KeptRows()
-        setattr(worker, _KEPT, kept)
+    kept = attached(worker, "engine core", KeptRows)
     for req in scheduler_output.scheduled_new_reqs:
         wire = wires.get(req.req_id)
         if wire is not None:

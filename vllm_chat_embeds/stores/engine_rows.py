@@ -22,15 +22,17 @@ request is ever served other rows.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import torch
 
 from ..limits import Limits
 from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
+
+T = TypeVar("T")
 
 # What a request's wire says of each of its row spans, in order.
 KEEP: Final = "k"  # the rows are sent; keep them under their digest
@@ -128,6 +130,22 @@ class KeptRows:
         return sum(rows.numel() * rows.element_size() for rows in self._rows.values())
 
 
+_STATE_ATTR: Final = "_vllm_chat_embeds_engine_rows"
+
+
+def attached(owner: Any, key: Any, factory: Callable[[], T]) -> T:
+    """The sender's or receiver's state under ``key`` (an engine, an API server), kept on the
+    vLLM object that sends or receives (a core client, engine core, executor or worker), so it
+    lives and dies with that object."""
+    states: dict[Any, Any] | None = getattr(owner, _STATE_ATTR, None)
+    if states is None:
+        states = {}
+        setattr(owner, _STATE_ATTR, states)
+    if key not in states:
+        states[key] = factory()
+    return states[key]
+
+
 def span_digests(params: Any) -> list[tuple[int, str | None]] | None:
     """The request's row spans and their digests, if the frontend sent any."""
     extra = getattr(params, "extra_args", None) or {}
@@ -137,9 +155,10 @@ def span_digests(params: Any) -> list[tuple[int, str | None]] | None:
     return [(int(count), digest) for count, digest in spans]
 
 
-def sender_budget() -> int:
-    """Bytes a sender lets its receivers hold (``CHAT_EMBEDS_REFERENCE_BYTES``; 0: none)."""
-    return Limits.from_env().reference_bytes
+def new_sender() -> HeldRows:
+    """A sender's record, with the budget it lets its receivers hold
+    (``CHAT_EMBEDS_REFERENCE_BYTES``; 0: none)."""
+    return HeldRows(Limits.from_env().reference_bytes)
 
 
 def outgoing(

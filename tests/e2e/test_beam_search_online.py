@@ -7,6 +7,8 @@ same chat sent as text: every beam, in order. Runs on the shared feature server.
 
 from __future__ import annotations
 
+from uuid import uuid4
+
 import pytest
 import requests
 from chat_cases import CASES, as_text, render
@@ -36,6 +38,22 @@ def test_chat_beams_equal_the_text_paths_beams(feature_server, table, case):
     parts = chat_beams(feature_server, model, render(CASES[case], table.part))
     assert len(set(text[0])) == 3, "three different beams, or parity is weak"
     assert parts == text
+
+
+@pytest.mark.parametrize("case", ("only_embeds", "interleaved"))
+def test_chat_beams_by_reference(feature_server, table, case):
+    """Parts sent with data and a uuid, then by uuid alone: every beam prompt reuses the rows
+    kept beside the engine, and the beams stay those of the text."""
+    model = feature_server.model
+    text = chat_beams(feature_server, model, as_text(CASES[case]))
+    uuids: dict[str, str] = {}
+
+    def sent(piece: str) -> dict:
+        return {**table.part(piece), "uuid": uuids.setdefault(piece, uuid4().hex)}
+
+    assert chat_beams(feature_server, model, render(CASES[case], sent)) == text
+    by_uuid = render(CASES[case], lambda piece: {"type": "prompt_embeds", "uuid": uuids[piece]})
+    assert chat_beams(feature_server, model, by_uuid) == text
 
 
 def test_chat_beams_through_an_adapter(feature_server, table):

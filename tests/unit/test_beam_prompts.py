@@ -26,6 +26,18 @@ def test_compact_prompt_keeps_its_rows_and_grows_ids_and_mask():
     assert beam["is_token_ids"] == [*MASK, True, True]
 
 
+def test_digests_of_kept_rows_reach_every_beam():
+    """So each beam's rows stay beside the engine and its blocks are keyed by the digests."""
+    from vllm_chat_embeds.patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
+
+    digests = [[2, "ab" * 32]]
+    prompt = {"type": "embeds", "prompt_embeds": ROWS, "prompt_token_ids": IDS}
+    root = beam_root({**prompt, "is_token_ids": MASK, SPAN_DIGESTS_KEY: digests})
+    assert beam_prompt(root, [*IDS, 9])[SPAN_DIGESTS_KEY] == digests  # type: ignore[typeddict-item]
+    plain = beam_root({**prompt, "is_token_ids": MASK})
+    assert SPAN_DIGESTS_KEY not in beam_prompt(plain, [*IDS, 9])
+
+
 def test_dense_prompt_becomes_compact_and_ids_at_rows_become_zero():
     dense = torch.zeros(4, 3)
     dense[[1, 2]] = ROWS

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import torch
 from vllm.inputs import EmbedsInput, embeds_input
 
+from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 from ..renderers.splice import EMBED_ROW_TOKEN_ID
 
 # The key under which a root carries its rows; nothing in vLLM reads it.
@@ -52,7 +53,10 @@ def beam_root(prompt: Mapping[str, Any]) -> dict[str, Any]:
         ],
         ROOT_KEY: BeamRows(rows, tuple(is_token.tolist())),
     }
-    for key in ("prompt", "cache_salt"):
+    # The digests of rows kept by uuid describe the rows, which every beam shares: each beam's
+    # prompt carries them too, so its blocks are keyed by them and its rows stay beside the
+    # engine (stores/engine_rows.py) instead of crossing again for every beam and step.
+    for key in ("prompt", "cache_salt", SPAN_DIGESTS_KEY):
         if prompt.get(key) is not None:
             root[key] = prompt[key]
     return root
@@ -68,10 +72,13 @@ def beam_prompt(root: Mapping[str, Any], tokens: Sequence[int]) -> EmbedsInput:
     grown = len(tokens) - len(beam.is_token_ids)
     if grown < 0:
         raise ValueError("a beam is shorter than its prompt")
-    return embeds_input(
+    engine_input = embeds_input(
         prompt_embeds=beam.rows,
         prompt=root.get("prompt"),
         cache_salt=root.get("cache_salt"),
         prompt_token_ids=list(tokens),
         is_token_ids=[*beam.is_token_ids, *([True] * grown)],
     )
+    if root.get(SPAN_DIGESTS_KEY):
+        cast(dict, engine_input)[SPAN_DIGESTS_KEY] = root[SPAN_DIGESTS_KEY]
+    return engine_input

@@ -123,9 +123,6 @@ class KeptRows:
             self._rows.pop(digest, None)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def held_bytes(self) -> int:
         return sum(rows.numel() * rows.element_size() for rows in self._rows.values())
 
@@ -168,7 +165,7 @@ def outgoing(
     if rows is None or not spans or held.capacity <= 0 or rows.dim() != 2:
         return None
     if sum(count for count, _ in spans) != rows.shape[0]:
-        return None  # not the compact rows the digests describe (e.g. a beam's prompt)
+        return None  # not the compact rows the digests describe: sent as they are
     wire = held.plan(spans, rows.shape[1] * rows.element_size())
     if all(op == SEND for op in wire["ops"]):
         return None

@@ -276,6 +276,18 @@ RUNTIME_OUTSIDE_ROOT: Final = (
 RUNTIME_BAD_FIELD: Final = "{field} must be a non-empty string."
 RUNTIME_NOT_LOADED: Final = "No soft prompt named {name!r} is loaded."
 
+# vLLM's scale-out split (render servers -> token engines, /inference/v1/generate).
+SCALE_OUT_ROWS_NOT_CARRIED: Final = (
+    "This request's prompt holds {rows} prompt_embeds row(s), which the render endpoint cannot "
+    "carry to a token engine yet: the GenerateRequest would hold token ids only, and the engine "
+    "would answer a different prompt. Send it to a server that renders and generates "
+    "(/v1/chat/completions, /v1/completions or /v1/responses)."
+)
+SCALE_OUT_FEATURES_NOT_SERVED: Final = (
+    "features.mm_hashes.prompt_embeds: this server cannot serve prompt_embeds rows carried in a "
+    "GenerateRequest yet."
+)
+
 
 def reject(template: str, parameter: str | None = None, **fields: object) -> NoReturn:
     """Raise the 400 error vLLM's entrypoints turn into a JSON error response.

@@ -195,6 +195,19 @@ MANIFEST: Final = (
         ),
         why="/v1/models lists soft prompts; responses name the soft prompt served",
     ),
+    # -- vLLM's scale-out split: render servers -> token engines (entrypoints/scale_out_rows.py)
+    Patch(
+        name="entrypoints_scale_out_render_serving",
+        target="vllm.entrypoints.scale_out.render.serving",
+        attributes=("ServingRender._extract_mm_features",),
+        why="scale-out: a rendered prompt's rows are never silently dropped",
+    ),
+    Patch(
+        name="entrypoints_scale_out_token_in_token_out_serving",
+        target="vllm.entrypoints.scale_out.token_in_token_out.serving",
+        attributes=("ServingTokens.serve_tokens",),
+        why="scale-out: generate refuses rows it cannot serve",
+    ),
     Patch(
         name="entrypoints_launchers_app",
         target="vllm.entrypoints.launchers.app",

@@ -164,9 +164,10 @@ def run_server(
 
 @pytest.fixture(scope="session")
 def plugin_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
-    """The plugin, with vLLM's built-in prompt_embeds helpers trapped, multiprocess engine."""
+    """The plugin, with vLLM's built-in prompt_embeds helpers trapped, multiprocess engine;
+    with the scale-out routes (render, generate, derender) on, for test_scale_out_split.py."""
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root)
-    with run_server(tiny_model, *TEST_SERVER_ARGS, env=env) as server:
+    with run_server(tiny_model, *TEST_SERVER_ARGS, "--enable-scale-out", env=env) as server:
         yield server
 
 

@@ -277,15 +277,41 @@ RUNTIME_BAD_FIELD: Final = "{field} must be a non-empty string."
 RUNTIME_NOT_LOADED: Final = "No soft prompt named {name!r} is loaded."
 
 # vLLM's scale-out split (render servers -> token engines, /inference/v1/generate).
-SCALE_OUT_ROWS_NOT_CARRIED: Final = (
-    "This request's prompt holds {rows} prompt_embeds row(s), which the render endpoint cannot "
-    "carry to a token engine yet: the GenerateRequest would hold token ids only, and the engine "
-    "would answer a different prompt. Send it to a server that renders and generates "
-    "(/v1/chat/completions, /v1/completions or /v1/responses)."
+SCALE_OUT_NO_PAYLOAD: Final = (
+    "mm_payload {got!r} would leave out this prompt's {rows} prompt_embeds row(s), and nothing "
+    "else can bring them to the token engine; render it with mm_payload 'tensors'."
 )
-SCALE_OUT_FEATURES_NOT_SERVED: Final = (
-    "features.mm_hashes.prompt_embeds: this server cannot serve prompt_embeds rows carried in a "
-    "GenerateRequest yet."
+SCALE_OUT_NOT_ENABLED: Final = (
+    "features.mm_hashes.prompt_embeds: this request carries prompt_embeds rows; they need the "
+    "server started with --enable-prompt-embeds (and a tokenizer mode that serves them)."
+)
+SCALE_OUT_ITEMS_UNEVEN: Final = (
+    "features: the prompt_embeds items disagree: {hashes} hash(es), {ranges} placeholder "
+    "range(s) and {items} serialised item(s) in kwargs_data; each item needs all three."
+)
+SCALE_OUT_ROWS_MISSING: Final = (
+    "{where} is missing: this server keeps no prompt_embeds rows to resolve it from, so every "
+    "prompt_embeds item must carry its rows (render with mm_payload 'tensors')."
+)
+SCALE_OUT_ROWS_MALFORMED: Final = (
+    "{where} is not a serialised prompt_embeds item (one tensor under 'embedding', as "
+    "/render writes it): {reason}."
+)
+SCALE_OUT_HASH_MISMATCH: Final = (
+    "{where} does not match the rows of its item; send the hash /render wrote for them."
+)
+SCALE_OUT_RANGE_BAD: Final = (
+    "{where} is offset {offset}, length {length}, but the item holds {rows} row(s) and the "
+    "request {ids} token id(s); a range must lie inside token_ids and span its item's rows."
+)
+SCALE_OUT_OVERLAP: Final = (
+    "features.mm_placeholders.prompt_embeds: two items' ranges overlap at position {offset}."
+)
+SCALE_OUT_DTYPE: Final = (
+    "{where} holds {got} rows beside images; this model takes {dtype} rows there."
+)
+SCALE_OUT_TOKEN_ID: Final = (
+    "token_ids: token id {token_id} is outside this model's vocabulary ({vocab} ids)."
 )
 
 

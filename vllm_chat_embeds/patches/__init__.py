@@ -200,13 +200,13 @@ MANIFEST: Final = (
         name="entrypoints_scale_out_render_serving",
         target="vllm.entrypoints.scale_out.render.serving",
         attributes=("ServingRender._extract_mm_features",),
-        why="scale-out: a rendered prompt's rows are never silently dropped",
+        why="scale-out: a rendered prompt's rows travel as prompt_embeds items in features",
     ),
     Patch(
         name="entrypoints_scale_out_token_in_token_out_serving",
         target="vllm.entrypoints.scale_out.token_in_token_out.serving",
-        attributes=("ServingTokens.serve_tokens",),
-        why="scale-out: generate refuses rows it cannot serve",
+        attributes=("ServingTokens.serve_tokens", "mm_input"),
+        why="scale-out: generate checks carried rows and serves them as an embeds input",
     ),
     Patch(
         name="entrypoints_launchers_app",

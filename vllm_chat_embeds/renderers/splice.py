@@ -159,8 +159,15 @@ def build_embeds_input(
     return engine_input
 
 
-def _rows_hash(hasher: MMHasherAlgorithm, rows: torch.Tensor) -> str:
+def rows_mm_hash(hasher: MMHasherAlgorithm, rows: torch.Tensor) -> str:
+    """vLLM's multimodal hash of rows as a ``prompt_embeds`` item (computed every call)."""
     return MultiModalHasher.hash_kwargs(hasher, **{EMBEDS_MODALITY: rows})
+
+
+def rows_item(rows: torch.Tensor) -> MultiModalKwargsItem:
+    """One ``prompt_embeds`` passthrough item holding ``rows``, as vLLM's runners read it."""
+    field = MultiModalSharedField(batch_size=1)
+    return MultiModalKwargsItem({EMBEDS_ITEM_KEY: MultiModalFieldElem(rows, field)})
 
 
 def add_embeds_items(
@@ -183,11 +190,10 @@ def add_embeds_items(
     hashes: list[str] = []
     ranges: list[PlaceholderRange] = []
     for rows, start in zip(spans, starts, strict=True):
-        field = MultiModalSharedField(batch_size=1)
-        items.append(MultiModalKwargsItem({EMBEDS_ITEM_KEY: MultiModalFieldElem(rows, field)}))
+        items.append(rows_item(rows))
         # The encoder cache and prefix caching key on this: same rows, same key. Rows kept by
         # uuid keep their hash beside them, so a reference is not hashed again.
-        hashes.append(content_hash(rows, f"mm:{hasher}", partial(_rows_hash, hasher)))
+        hashes.append(content_hash(rows, f"mm:{hasher}", partial(rows_mm_hash, hasher)))
         ranges.append(PlaceholderRange(offset=start, length=int(rows.shape[0])))
     engine_input["prompt_token_ids"] = ids.tolist()
     cast(dict, engine_input["mm_kwargs"])[EMBEDS_MODALITY] = items

@@ -48,7 +48,8 @@ def _own_rows(rows: torch.Tensor) -> torch.Tensor:
     return kept
 
 
-def _sha256(rows: torch.Tensor) -> str:
+def rows_sha256(rows: torch.Tensor) -> str:
+    """The SHA-256 of rows' dtype, shape and bytes (computed every call)."""
     digest = hashlib.sha256(f"{rows.dtype}:{tuple(rows.shape)}:".encode())
     digest.update(rows.contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -59,7 +60,7 @@ def kept_rows_digest(rows: torch.Tensor) -> str | None:
     None for any other rows. The engine keys prefix-cache blocks over kept rows by it."""
     if getattr(rows, _HASHES_ATTR, None) is None:
         return None
-    return content_hash(rows, "sha256", _sha256)
+    return content_hash(rows, "sha256", rows_sha256)
 
 
 @dataclass

@@ -218,13 +218,17 @@ def _forgeries(request: dict, width: int) -> dict[str, tuple[dict, str]]:
             ),
             "features.kwargs_data.prompt_embeds[0]",
         ),
-        "range_past_the_end": (
+        "range_not_the_item_length": (
+            forged(lambda b, f: f["mm_placeholders"]["prompt_embeds"][0].update(length=1)),
+            "features.mm_placeholders.prompt_embeds[0] is offset",
+        ),
+        "range_past_the_end": (  # vLLM's own schema check answers this one
             forged(
                 lambda b, f: f["mm_placeholders"]["prompt_embeds"][0].update(
                     offset=len(b["token_ids"])
                 )
             ),
-            "features.mm_placeholders.prompt_embeds[0] is offset",
+            "1 validation error",
         ),
         "uneven_items": (
             forged(lambda b, f: f["mm_hashes"]["prompt_embeds"].append("x")),

@@ -39,6 +39,7 @@ CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 	tests/e2e/test_templates_online.py tests/e2e/test_compact_engine.py \
 	tests/e2e/test_responses_online.py tests/e2e/test_mistral_mode.py \
 	tests/e2e/test_images_online.py tests/e2e/test_references_online.py tests/unit/test_engine_rows.py \
+	tests/e2e/test_scale_out_split.py tests/unit/test_scale_out_rows.py \
 	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
 
 .PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model

@@ -186,4 +186,3 @@ def test_cut_embeds_items_drops_the_modality_when_every_part_is_cut() -> None:
     splice.cut_embeds_items(engine_input, ranges, 3, 5, hasher="sha256")  # type: ignore[arg-type]
     for key in ("mm_kwargs", "mm_hashes", "mm_placeholders"):
         assert splice.EMBEDS_MODALITY not in engine_input[key]
-

@@ -187,3 +187,32 @@ def test_parts_by_reference_cut_through(feature_server, table):
         reference = post(feature_server, text, truncate_prompt_tokens=k)
         out = post(feature_server, render(case, lambda t: by_ref), truncate_prompt_tokens=k)
         assert answer(out) == answer(reference), k
+
+
+def test_responses_truncation_auto_cuts_through_a_part(plugin_server, table):
+    """``/v1/responses`` with ``truncation: "auto"`` keeps the last max-model-len - 1 (1023)
+    tokens; a part at the front of a long input is cut as its text would be."""
+
+    def respond(first: dict, filler: int) -> dict:
+        content = [first, {"type": "input_text", "text": " a" * filler}]
+        body = {
+            "model": plugin_server.model,
+            "input": [{"role": "user", "content": content}],
+            "truncation": "auto",
+            "temperature": 0.0,
+            "max_output_tokens": 1,
+        }
+        response = requests.post(plugin_server.base_url + "/v1/responses", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        out = response.json()
+        return {"text": out["output"][-1]["content"][0]["text"], "usage": out["usage"]}
+
+    words = " import os, sys"
+    text = {"type": "input_text", "text": words}
+    part = {"type": "prompt_embeds", "data": tensor_b64(table.rows(words))}
+    base = respond(text, 10)["usage"]["input_tokens"] - 10
+    for over in range(2, 9):  # the cut runs through the header, the part, then the filler
+        filler = 1023 - base + over
+        reference, out = respond(text, filler), respond(part, filler)
+        assert out == reference, over
+        assert out["usage"]["input_tokens"] == 1023

@@ -127,8 +127,9 @@ MARKER_MERGED: Final = (
     "text around it, so its place in the prompt cannot be determined safely."
 )
 SPANS_CUT: Final = (
-    "The tokenized prompt holds {found} prompt_embeds positions but the prompt_embeds parts need "
-    "{expected}; truncation (truncate_prompt_tokens) would cut a prompt_embeds part."
+    "The tokenized prompt holds {found} prompt_embeds positions where its prompt_embeds parts "
+    "need {expected}, one whole run per part (a part cut by truncate_prompt_tokens only at the "
+    "truncated edge); the prompt cannot be built safely."
 )
 WITH_MULTIMODAL: Final = (
     "prompt_embeds parts in the same request as {modalities} parts are not supported by "

@@ -235,3 +235,24 @@ def test_parts_by_reference_beside_images(vlm_server, vlm_table):
         )
         assert content(by_uuid) == content(reference)
         assert by_uuid["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+
+
+def test_truncation_beside_an_image_cuts_parts_as_their_text(vlm_server, vlm_table):
+    """``truncate_prompt_tokens`` is applied again after the image is expanded; a cut through a
+    part there keeps its kept rows (vLLM refuses a cut through the image, for text as for us)."""
+    case = CASES["embeds_on_both_sides"]
+    length = chat(vlm_server, as_text(case))["usage"]["prompt_tokens"]
+    kept_rows = set()
+    for k in (*range(length - 10, length), 6):
+        reference = post(vlm_server, as_text(case), truncate_prompt_tokens=k)
+        out = post(vlm_server, render(case, vlm_table.part), truncate_prompt_tokens=k)
+        assert out.status_code == reference.status_code, (k, out.text, reference.text)
+        if reference.status_code != 200:
+            continue
+        ref, got = reference.json(), out.json()
+        assert content(got) == content(ref), k
+        assert got["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"] == k
+        media = got["usage"]["prompt_tokens_details"]["multimodal_tokens"]
+        kept_rows.add(media.get("prompt_embeds", 0))
+    # Whole parts, the first part cut through, and the first part cut away all occurred.
+    assert len(kept_rows) >= 3, kept_rows

@@ -277,3 +277,16 @@ def test_parts_by_reference(mistral_server, tekken_table):
     assert_same(reference, chat(mistral_server, render(case, sent), return_token_ids=True))
     by_uuid = render(case, lambda text: {"type": "prompt_embeds", "uuid": tag + text})
     assert_same(reference, chat(mistral_server, by_uuid, return_token_ids=True))
+
+
+@pytest.mark.parametrize("name", ["one_part", "several_parts"])
+def test_truncation_through_parts_equals_the_text_cut(mistral_server, tekken_table, name):
+    """mistral_common renders token ids; vLLM cuts them as any ids: every cut near the parts
+    (after, through, before) gives the text chat's answer cut at the same place."""
+    case = CASES[name]
+    for k in range(1, 11):
+        options = {"truncate_prompt_tokens": k, "return_token_ids": True, "max_tokens": 4}
+        reference = chat(mistral_server, as_text(case), **options)
+        out = chat(mistral_server, render(case, tekken_table.part), **options)
+        assert out["choices"][0]["token_ids"] == reference["choices"][0]["token_ids"], k
+        assert out["usage"] == reference["usage"]

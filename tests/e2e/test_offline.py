@@ -136,3 +136,31 @@ def test_offline_parts_by_reference(offline_llm, table, form):
         offline_llm.chat(unknown, GREEDY, use_tqdm=False)
     where = "messages[0].content[0]"
     assert info.value.args[0] == errors.REFERENCE_UNKNOWN.format(where=where, uuid=tag + "nope")
+
+
+# Keeping these many last tokens cuts these chats after every part (8: the template's tail),
+# through a part (9, 10, 12, 14 for most), at a part's first row or before it (12, 14, 16).
+OFFLINE_CUTS = {"compact": (8, 9, 10, 12, 14, 16), "dense": (9, 12)}
+
+
+@pytest.mark.parametrize("transport", sorted(OFFLINE_CUTS))
+def test_offline_truncation_through_parts(offline_llm, table, transport):
+    """``tokenization_kwargs={"truncate_prompt_tokens": k}``: the same tokens as the text chat
+    cut at k, with the parts first, in the middle, last, alone and several, in one batch."""
+    import dataclasses
+
+    renderer = offline_llm.llm_engine.renderer
+    limits = renderer.limits
+    renderer.limits = dataclasses.replace(limits, compact=transport == "compact")
+    short = SamplingParams(temperature=0.0, max_tokens=4)
+    cases = [CASES[n] for n in ("only_embeds", "interleaved", "several_parts", "one_part")]
+    batch = [render(c, table.part) for c in cases] + [as_text(c) for c in cases]
+    try:
+        for k in OFFLINE_CUTS[transport]:
+            options = {"tokenization_kwargs": {"truncate_prompt_tokens": k}}
+            outs = offline_llm.chat(batch, short, use_tqdm=False, **options)
+            got = [(o.prompt_token_ids, o.outputs[0].token_ids) for o in outs]
+            assert all(len(ids) == k for ids, _ in got)
+            assert [t for _, t in got[: len(cases)]] == [t for _, t in got[len(cases) :]], k
+    finally:
+        renderer.limits = limits

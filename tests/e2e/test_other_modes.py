@@ -68,10 +68,12 @@ def renderer_for(model: Path, mode: str) -> Any:
     return _BUILT[mode]
 
 
-def engine_input(renderer: Any, mode: str, messages: list) -> tuple[list, Any]:
+def engine_input(
+    renderer: Any, mode: str, messages: list, tok_params: Any = None
+) -> tuple[list, Any]:
     kwargs = {"add_generation_prompt": True, **TEMPLATE_KWARGS.get(mode, {})}
     conversations, prompts = renderer.render_chat(
-        [messages], ChatParams(chat_template_kwargs=kwargs)
+        [messages], ChatParams(chat_template_kwargs=kwargs), tok_params
     )
     return conversations[0], prompts[0]
 
@@ -109,6 +111,33 @@ def test_rows_take_the_places_of_their_text(renderers_model, rows_table, mode, c
     assert torch.equal(embeds.float(), want)
     # Nothing internal is echoed back.
     assert PLACEHOLDER_TOKEN not in str(conversation) and "<|pe:" not in str(conversation)
+
+
+@pytest.mark.parametrize("mode", SERVED)
+def test_truncation_keeps_the_rows_of_the_kept_positions(renderers_model, rows_table, mode):
+    """Every cut of the last 16 positions (after, through and before the parts): the ids are the
+    text path's cut ids, with the model's own rows of the kept text at the kept rows."""
+    renderer = renderer_for(renderers_model, mode)
+    case = CASES["several_parts"]
+    full = engine_input(renderer, mode, as_text(case))[1]["prompt_token_ids"]
+    for k in range(1, min(len(full), 17)):
+        tok = renderer.default_chat_tok_params.with_kwargs(truncate_prompt_tokens=k)
+        ref_ids = engine_input(renderer, mode, as_text(case), tok)[1]["prompt_token_ids"]
+        got = engine_input(renderer, mode, render(case, rows_table.part), tok)[1]
+        assert ref_ids == full[-k:]
+        if got["type"] == "token":  # every part cut away: the remaining text
+            assert got["prompt_token_ids"] == ref_ids
+            continue
+        mask = torch.tensor(got["is_token_ids"])
+        assert len(got["prompt_token_ids"]) == len(mask) == k
+        at_rows = torch.nonzero(~mask).flatten()
+        ids = torch.tensor(got["prompt_token_ids"])
+        assert torch.equal(ids[mask], torch.tensor(ref_ids)[mask])
+        embeds = got["prompt_embeds"]
+        if embeds.shape[0] == k:  # dense transport
+            embeds = embeds[at_rows]
+        want = rows_table.weight[torch.tensor(ref_ids)[at_rows]]
+        assert torch.equal(embeds.float(), want), k
 
 
 @pytest.mark.parametrize("mode", ["deepseek_v32", "cohere"])

@@ -168,6 +168,33 @@ def test_chat_by_name_with_its_own_parts_equals_the_same_chat_as_text(server, ta
     assert got["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
 
 
+def test_truncated_chat_by_name_keeps_its_soft_prompt_first(server, tiny_model, checkpoints, table):
+    """PEFT prepends its virtual tokens to the input ids as given: truncation cuts the chat's
+    ids, and the soft prompt's rows come before what is kept, whole."""
+    messages = CHATS["system_and_user"]
+    ids = chat_ids(server, messages)
+    k = len(ids) - 4
+    expected = peft_greedy(tiny_model, checkpoints["a"], ids[-k:], MAX_TOKENS)
+    got = chat(server, "sp-a", messages, truncate_prompt_tokens=k)
+    assert without_eos(got["choices"][0]["token_ids"]) == expected
+    assert got["usage"]["prompt_tokens"] == k + 6
+    # A part the cut runs through keeps its kept rows behind the soft prompt.
+    with_part = [
+        messages[0],
+        {"role": "user", "content": [{"type": "text", "text": "import"},
+                                     table.part(" os, sys")]},
+    ]  # fmt: skip
+    text = [{"type": "text", "text": "import"}, {"type": "text", "text": " os, sys"}]
+    as_text = [messages[0], {"role": "user", "content": text}]
+    run = table.tokenizer.encode(" os, sys", add_special_tokens=False)
+    start = next(i for i in range(len(ids)) if ids[i : i + len(run)] == run)
+    for kept in (len(ids) - start - 1, len(ids) - start - 2, len(ids) - start + 1):
+        reference = chat(server, "sp-a", as_text, truncate_prompt_tokens=kept)
+        out = chat(server, "sp-a", with_part, truncate_prompt_tokens=kept)
+        assert out["choices"][0]["token_ids"] == reference["choices"][0]["token_ids"]
+        assert out["usage"]["prompt_tokens"] == reference["usage"]["prompt_tokens"]
+
+
 def test_responses_by_name_equals_peft_generate(server, tiny_model, checkpoints, table):
     text = "import os, sys"
     # /v1/responses tokenizes the rendered chat with special tokens (a BOS the chat lacks).

@@ -31,6 +31,7 @@ from .parts import (
     reserve_placeholder_text,
 )
 from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input
+from .truncation import CUT_KEY, cut_side, kept_spans
 
 # Private key under which the part tensors ride on the prompt dict from rendering to
 # `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
@@ -78,6 +79,37 @@ class EmbedsRendererMixin:
         process that renders, for ``vllm serve`` and ``LLM`` alike."""
         enabled = self.embeds_enabled and self.placeholder_id is not None
         soft_prompts.STORE.configure(self.model_config, embeds_enabled=enabled)
+
+    def _tokenize_singleton_prompt(self, prompt: Any, params: Any) -> Any:
+        tokenized = super()._tokenize_singleton_prompt(prompt, params)  # type: ignore[misc]
+        self._note_cut(tokenized, params)
+        return tokenized
+
+    async def _tokenize_singleton_prompt_async(self, prompt: Any, params: Any) -> Any:
+        tokenized = await super()._tokenize_singleton_prompt_async(  # type: ignore[misc]
+            prompt, params
+        )
+        self._note_cut(tokenized, params)
+        return tokenized
+
+    def _note_cut(self, prompt: Any, params: Any) -> None:
+        """A prompt with parts that the request truncates: remember from which side."""
+        if isinstance(prompt, dict) and prompt.get(SPANS_KEY):
+            side = cut_side(params, cast(Any, self).tokenizer)
+            if side is not None:
+                prompt[CUT_KEY] = side
+
+    def _ready_spans(self, prompt: Any) -> None:
+        """The steps between tokenization and the engine input, for every renderer: the rows
+        truncation kept (``truncation``), then the soft prompt before them all."""
+        prompt = cast(dict[str, Any], prompt)
+        side = prompt.pop(CUT_KEY, None)
+        if side is not None and prompt.get(SPANS_KEY):
+            assert self.placeholder_id is not None
+            prompt[SPANS_KEY] = kept_spans(
+                prompt["prompt_token_ids"], prompt[SPANS_KEY], self.placeholder_id, side
+            )
+        self._prepend_soft_prompt(prompt)
 
     def _prepend_soft_prompt(self, prompt: Any) -> None:
         """Put the soft prompt named as the request's model before the whole prompt.
@@ -132,7 +164,7 @@ class EmbedsRendererMixin:
         )
 
     def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
-        self._prepend_soft_prompt(prompt)
+        self._ready_spans(prompt)
         engine_input = self._embeds_or_none(prompt)
         if engine_input is not None:
             return engine_input
@@ -142,7 +174,7 @@ class EmbedsRendererMixin:
         )
 
     async def _process_tokens_async(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
-        self._prepend_soft_prompt(prompt)
+        self._ready_spans(prompt)
         engine_input = self._embeds_or_none(prompt)
         if engine_input is not None:
             return engine_input

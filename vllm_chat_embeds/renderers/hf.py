@@ -37,7 +37,8 @@ from ..limits import Limits
 from ..placeholder import with_placeholder_token
 from .base import SPANS_KEY, EmbedsRendererMixin
 from .parts import EmbedsPlan
-from .splice import add_embeds_items, expand_markers
+from .splice import EMBEDS_MODALITY, add_embeds_items, cut_embeds_items, expand_markers
+from .truncation import cut_side
 
 # Media that may share a request with prompt_embeds parts (tested end to end on Idefics3).
 MEDIA_WITH_EMBEDS: Final = frozenset({"image"})
@@ -156,13 +157,13 @@ class ChatEmbedsHfRenderer(EmbedsRendererMixin, HfRenderer):
         )
 
     def _process_tokens(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
-        self._prepend_soft_prompt(prompt)  # before images: it is a span like a part's
+        self._ready_spans(prompt)  # before images: the soft prompt is a span like a part's
         spans = _media_spans(prompt)
         engine_input = super()._process_tokens(prompt, skip_mm_cache=skip_mm_cache)
         return engine_input if spans is None else self._add_embeds_items(engine_input, spans)
 
     async def _process_tokens_async(self, prompt: Any, *, skip_mm_cache: bool = False) -> Any:
-        self._prepend_soft_prompt(prompt)
+        self._ready_spans(prompt)
         spans = _media_spans(prompt)
         engine_input = await super()._process_tokens_async(prompt, skip_mm_cache=skip_mm_cache)
         if spans is None:
@@ -171,6 +172,32 @@ class ChatEmbedsHfRenderer(EmbedsRendererMixin, HfRenderer):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._executor, self._add_embeds_items, engine_input, spans
+        )
+
+    def _truncate_expanded_prompt(self, engine_input: Any, params: Any) -> None:
+        """Parts beside images, cut again after the image processor expanded the prompt.
+
+        vLLM re-applies the truncation once images are expanded and refuses a cut through any
+        multimodal item; our parts ride as items there, but are cut as their positions' text
+        would be (``splice.cut_embeds_items``), while a cut image is still vLLM's 400.
+        """
+        placeholders = (
+            engine_input.get("mm_placeholders") if engine_input["type"] == "multimodal" else None
+        )
+        ours = placeholders.pop(EMBEDS_MODALITY, None) if placeholders else None
+        if not ours:
+            super()._truncate_expanded_prompt(engine_input, params)
+            return
+        before = len(engine_input["prompt_token_ids"])
+        super()._truncate_expanded_prompt(engine_input, params)
+        after = len(engine_input["prompt_token_ids"])
+        start = before - after if cut_side(params, self.tokenizer) == "left" else 0
+        cut_embeds_items(
+            engine_input,
+            ours,
+            start,
+            start + after,
+            hasher=self.model_config.get_multimodal_config().mm_hasher_algorithm,
         )
 
 

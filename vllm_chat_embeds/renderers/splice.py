@@ -186,17 +186,64 @@ def add_embeds_items(
     located after the image processor ran, since it expands each image token in place.
     """
     ids, _, starts = _embedding_positions(engine_input["prompt_token_ids"], spans, placeholder_id)
-    items: list[MultiModalKwargsItem] = []
-    hashes: list[str] = []
-    ranges: list[PlaceholderRange] = []
-    for rows, start in zip(spans, starts, strict=True):
-        items.append(rows_item(rows))
-        # The encoder cache and prefix caching key on this: same rows, same key. Rows kept by
-        # uuid keep their hash beside them, so a reference is not hashed again.
-        hashes.append(content_hash(rows, f"mm:{hasher}", partial(rows_mm_hash, hasher)))
-        ranges.append(PlaceholderRange(offset=start, length=int(rows.shape[0])))
     engine_input["prompt_token_ids"] = ids.tolist()
-    cast(dict, engine_input["mm_kwargs"])[EMBEDS_MODALITY] = items
-    engine_input["mm_hashes"] = {**engine_input["mm_hashes"], EMBEDS_MODALITY: hashes}
-    cast(dict, engine_input["mm_placeholders"])[EMBEDS_MODALITY] = ranges
+    items = [_item(rows, start, hasher) for rows, start in zip(spans, starts, strict=True)]
+    _set_items(engine_input, items)
     return engine_input
+
+
+_Item = tuple[MultiModalKwargsItem, str, PlaceholderRange]
+
+
+def _item(rows: torch.Tensor, start: int, hasher: MMHasherAlgorithm) -> _Item:
+    item = rows_item(rows)
+    # The encoder cache and prefix caching key on this: same rows, same key. Rows kept by
+    # uuid keep their hash beside them, so a reference is not hashed again.
+    row_hash = content_hash(rows, f"mm:{hasher}", partial(rows_mm_hash, hasher))
+    return item, row_hash, PlaceholderRange(offset=start, length=int(rows.shape[0]))
+
+
+def _set_items(engine_input: MultiModalInput, items: Sequence[_Item]) -> None:
+    """Make ``items`` the engine input's prompt_embeds items (none: no such modality)."""
+    kwargs = cast(dict, engine_input["mm_kwargs"])
+    hashes = {**engine_input["mm_hashes"]}
+    placeholders = cast(dict, engine_input["mm_placeholders"])
+    if items:
+        kwargs[EMBEDS_MODALITY] = [item for item, _, _ in items]
+        hashes[EMBEDS_MODALITY] = [h for _, h, _ in items]
+        placeholders[EMBEDS_MODALITY] = [r for _, _, r in items]
+    else:
+        for table in (kwargs, hashes, placeholders):
+            table.pop(EMBEDS_MODALITY, None)
+    engine_input["mm_hashes"] = hashes
+
+
+def cut_embeds_items(
+    engine_input: MultiModalInput,
+    ranges: Sequence[PlaceholderRange],
+    start: int,
+    stop: int,
+    *,
+    hasher: MMHasherAlgorithm,
+) -> None:
+    """After vLLM cut an expanded multimodal prompt to positions ``[start, stop)``: each part
+    item keeps the rows inside that window, at its new offsets (``ranges``: the items' ranges
+    before the cut; the ids are already cut).
+
+    Why not vLLM's rule for multimodal items (refuse any it would cut): a part's rows are
+    token positions, cut as the same text would be; an image is refused by vLLM as before.
+    """
+    items = cast(dict, engine_input["mm_kwargs"]).get(EMBEDS_MODALITY, [])
+    kept: list[_Item] = []
+    for item, row_hash, where in zip(
+        items, engine_input["mm_hashes"].get(EMBEDS_MODALITY, []), ranges, strict=True
+    ):
+        lo, hi = max(where.offset, start), min(where.offset + where.length, stop)
+        if lo >= hi:
+            continue  # cut away
+        if hi - lo == where.length:
+            kept.append((item, row_hash, PlaceholderRange(offset=lo - start, length=hi - lo)))
+            continue
+        rows = cast(torch.Tensor, item[EMBEDS_ITEM_KEY].data)
+        kept.append(_item(rows[lo - where.offset : hi - where.offset], lo - start, hasher))
+    _set_items(engine_input, kept)

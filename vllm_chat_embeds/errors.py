@@ -291,25 +291,28 @@ SCALE_OUT_ITEMS_UNEVEN: Final = (
     "range(s) and {items} serialised item(s) in kwargs_data; each item needs all three."
 )
 SCALE_OUT_ROWS_MISSING: Final = (
-    "{where} is missing: this server keeps no prompt_embeds rows to resolve it from, so every "
-    "prompt_embeds item must carry its rows (render with mm_payload 'tensors')."
+    "{where} is missing: this server keeps no rows to resolve it from, so the item of every "
+    "prompt_embeds part must carry its rows (render with mm_payload 'tensors')."
 )
 SCALE_OUT_ROWS_MALFORMED: Final = (
-    "{where} is not a serialised prompt_embeds item (one tensor under 'embedding', as "
-    "/render writes it): {reason}."
+    "{where} is not the serialised item of a prompt_embeds part (one tensor under "
+    "'embedding', as /render writes it): {reason}."
 )
 SCALE_OUT_HASH_MISMATCH: Final = (
-    "{where} does not match the rows of its item; send the hash /render wrote for them."
+    "{where} does not match the rows of its prompt_embeds part; send the hash /render wrote "
+    "for them."
 )
 SCALE_OUT_RANGE_BAD: Final = (
-    "{where} is offset {offset}, length {length}, but the item holds {rows} row(s) and the "
-    "request {ids} token id(s); a range must lie inside token_ids and span its item's rows."
+    "{where} is offset {offset}, length {length}, but its prompt_embeds part holds {rows} "
+    "row(s) and the request {ids} token id(s); a range must lie inside token_ids and span "
+    "its part's rows."
 )
 SCALE_OUT_OVERLAP: Final = (
     "features.mm_placeholders.prompt_embeds: two items' ranges overlap at position {offset}."
 )
 SCALE_OUT_DTYPE: Final = (
-    "{where} holds {got} rows beside images; this model takes {dtype} rows there."
+    "{where} holds {got} rows of a prompt_embeds part beside images; this model takes {dtype} "
+    "rows there."
 )
 SCALE_OUT_TOKEN_ID: Final = (
     "token_ids: token id {token_id} is outside this model's vocabulary ({vocab} ids)."

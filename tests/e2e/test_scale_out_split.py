@@ -191,7 +191,7 @@ def _forgeries(request: dict, width: int) -> dict[str, tuple[dict, str | tuple[s
         ),
         "not_an_item": (
             forged(lambda b, f: f["kwargs_data"].update(prompt_embeds=["bm90IGFuIGl0ZW0="])),
-            "features.kwargs_data.prompt_embeds[0] is not a serialised prompt_embeds item",
+            "features.kwargs_data.prompt_embeds[0] is not the serialised item",
         ),
         "hash_forged": (
             forged(lambda b, f: f["mm_hashes"].update(prompt_embeds=["0" * 64])),

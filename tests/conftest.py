@@ -36,7 +36,8 @@ CPU_FLAGS = [
     "--max-num-seqs", "4",
     "--kv-cache-memory-bytes", str(64 * 1024 * 1024),
 ]  # fmt: skip
-STARTUP_TIMEOUT_S = 240.0
+# A loaded machine (other jobs on its 2 cores) may need more: VCE_STARTUP_TIMEOUT_S=600.
+STARTUP_TIMEOUT_S = float(os.environ.get("VCE_STARTUP_TIMEOUT_S", "240"))
 # The plugin and built-in servers take request chat templates, to test odd templates.
 TEST_SERVER_ARGS = [
     "--enable-prompt-embeds",

@@ -74,7 +74,7 @@ def main() -> None:
     rows = embedding_rows(args.model_dir, args.embed_text)
     text_part = {"type": "text", "text": args.text}
     # A part with a fresh random uuid: only clients that know it can refer to its rows.
-    run(client, model, [text_part, Conversation.part(rows)], args, "embeds")
+    run(client, model, [text_part, Conversation().part(rows)], args, "embeds")
     if args.compare:
         run(client, model, [text_part, {"type": "text", "text": args.embed_text}], args, "text")
 

@@ -347,3 +347,93 @@ PLACEMENTS: list[Placement] = [
 PART_CASES: list[Case] = [
     c for c in CASES if part_of(c, 8, torch.zeros(2, 8)) is not None
 ]  # fmt: skip
+
+
+# -- the same bad payloads as bytes: the upload route and the file part --------------------------
+
+
+@dataclass(frozen=True)
+class BytesCase:
+    """A part case as the bytes of an upload: ``kind`` ``raw`` (with ``dtype``, ``shape``) or
+    ``safetensors``; ``expect`` as in ``Case``."""
+
+    name: str
+    kind: str
+    body: bytes
+    expect: str | None
+    dtype: Any = None
+    shape: Any = None
+
+    def params(self) -> dict[str, str]:
+        """The query parameters of ``POST /v1/prompt_embeds``."""
+        out = {}
+        if self.dtype is not None:
+            out["dtype"] = str(self.dtype)
+        if self.shape is not None:
+            out["shape"] = ",".join(str(d) for d in self.shape)
+        return out
+
+    def media_type(self) -> str:
+        return "application/octet-stream" if self.kind == "raw" else "application/safetensors"
+
+    def file_part(self, media: str = "application/pdf") -> dict[str, Any]:
+        """The payload as a ``file`` part (safetensors only; the media type is a lie, as
+        LangChain's, and the filename says what it is)."""
+        data = base64.b64encode(self.body).decode()
+        file = {"file_data": f"data:{media};base64,{data}", "filename": "rows.safetensors"}
+        return {"type": "file", "file": file}
+
+
+_SAFETENSORS_NAMES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int32: "I32", torch.bool: "BOOL", torch.complex64: "C64",
+}  # fmt: skip
+_SMALL = 1 << 20
+
+
+def tensor_file(tensor: torch.Tensor) -> bytes:
+    """A safetensors file of ``tensor``, written by hand so any shape or dtype can be declared;
+    a tensor too large to write declares its shape over a short body (its checks come first)."""
+    import json
+
+    name = _SAFETENSORS_NAMES[tensor.dtype]
+    nbytes = tensor.numel() * tensor.element_size()
+    header = {"e": {"dtype": name, "shape": list(tensor.shape), "data_offsets": [0, nbytes]}}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    body = b"" if nbytes > _SMALL else tensor.contiguous().view(torch.uint8).numpy().tobytes()
+    return len(head).to_bytes(8, "little") + head + body
+
+
+def as_bytes(case: Case, width: int, rows: torch.Tensor) -> BytesCase | None:
+    """The case's payload as upload bytes, or None where it has no such form (a uuid, a key, an
+    encoding name, a JSON type)."""
+    part = part_of(case, width, rows)
+    if part is None or "uuid" in part or set(part) - {"type", "data", "encoding", "dtype", "shape"}:
+        return None
+    data, encoding = part.get("data"), part.get("encoding", "torch")
+    if not isinstance(data, str) or encoding not in ("torch", "raw", "safetensors"):
+        return None
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except ValueError:
+        return None
+    if encoding == "raw":
+        expect = errors.RAW_BODY_LENGTH if case.expect == errors.RAW_LENGTH else case.expect
+        return BytesCase(case.name, "raw", raw, expect, part.get("dtype"), part.get("shape"))
+    if encoding == "safetensors" or not raw:
+        return BytesCase(case.name, "safetensors", raw, case.expect)
+    if "dtype" in part or "shape" in part:  # raw fields beside a safetensors body
+        return BytesCase(case.name, "safetensors", raw, case.expect, part.get("dtype"))
+    try:
+        value = torch.load(io.BytesIO(raw), weights_only=True)
+    except Exception:
+        value = None
+    if (
+        isinstance(value, torch.Tensor)
+        and value.layout == torch.strided
+        and value.dtype in _SAFETENSORS_NAMES
+    ):
+        return BytesCase(case.name, "safetensors", tensor_file(value), case.expect)
+    # Not a tensor a safetensors file can hold (a pickle, a sparse tensor, junk): as the file.
+    return BytesCase(case.name, "safetensors", raw, errors.SAFETENSORS_BAD)

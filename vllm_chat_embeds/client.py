@@ -131,6 +131,150 @@ def prompt_embeds_part(
     raise ValueError(f"encoding must be 'raw', 'safetensors' or 'torch'; got {encoding!r}")
 
 
+# -- rows as a standard OpenAI ``file`` part, and uploads ---------------------------------------
+
+ROWS_FILENAME: Final = "prompt_embeds.safetensors"
+# The server's prefix of ids of rows (``stores/uploads.UPLOAD_ID_PREFIX``, repeated here so this
+# module needs no vLLM): a ``file_id`` with it always names rows, so one the server no longer
+# holds gets ``prompt_embeds_reference_unknown`` instead of vLLM's answer to a file.
+ROWS_ID_PREFIX: Final = "file-pe-"
+# A part whose rows take more bytes than this is uploaded by ``Conversation`` (when it knows
+# the server's ``base_url``) instead of being sent inline: about where base64 inside JSON starts
+# to cost more than the extra HTTP request (measured in docs/user-guide.md#binary-upload).
+UPLOAD_ABOVE_BYTES: Final = 1 << 20
+
+
+def safetensors_bytes(
+    embeddings: Any, *, dtype: WireDtype | Literal["float64"] | None = None
+) -> bytes:
+    """A safetensors file holding ``embeddings`` (NumPy or torch) as one tensor, in its own
+    float dtype (``dtype`` overrides)."""
+    shape = [int(d) for d in embeddings.shape]
+    if len(shape) != 2:
+        raise ValueError(f"embeddings must be 2-D (num_rows, hidden_size); got shape {shape}")
+    name = dtype or _own_float(embeddings)
+    if _is_torch(embeddings):
+        import torch
+        from safetensors.torch import save
+
+        tensor = embeddings.detach().cpu().to(getattr(torch, name)).contiguous()
+        return save({"embeddings": tensor})
+    import numpy as np
+    from safetensors.numpy import save as save_numpy
+
+    if name == "bfloat16":
+        raise ValueError("bfloat16 needs a torch.Tensor (NumPy has no bfloat16)")
+    return save_numpy({"embeddings": np.ascontiguousarray(embeddings, dtype=np.dtype(name))})
+
+
+def _own_float(value: Any) -> str:
+    name = str(value.dtype).removeprefix("torch.")
+    return name if name in ("float32", "float16", "bfloat16", "float64") else "float32"
+
+
+def file_part(
+    embeddings: Any,
+    *,
+    filename: str = ROWS_FILENAME,
+    media_type: str = "application/octet-stream",
+    dtype: WireDtype | None = None,
+) -> dict[str, Any]:
+    """The rows as a standard OpenAI ``file`` content part (``file_data``: a data URL of a
+    safetensors file), for clients and gateways that pass only OpenAI's part types through.
+
+    The server recognises rows by the ``.safetensors`` filename or by the content, so a client
+    rewriting the media type (LangChain: ``application/pdf``) does no harm. On /v1/responses,
+    use ``responses_file_part``.
+    """
+    data = base64.b64encode(safetensors_bytes(embeddings, dtype=dtype)).decode()
+    return {
+        "type": "file",
+        "file": {"file_data": f"data:{media_type};base64,{data}", "filename": filename},
+    }
+
+
+def file_id_part(file_id: str) -> dict[str, Any]:
+    """A ``file`` part naming rows the server holds (an upload's id, or a part's uuid)."""
+    return {"type": "file", "file": {"file_id": file_id}}
+
+
+def responses_file_part(part: dict[str, Any]) -> dict[str, Any]:
+    """A chat ``file`` part as the /v1/responses ``input_file`` part it corresponds to."""
+    return {"type": "input_file", **part["file"]}
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
+
+
+def _raw_body(rows: Any) -> tuple[bytes, str, str | None]:
+    """The upload body for ``rows``: raw bytes in their float dtype, or (float64, which raw
+    does not take) a safetensors file; with its media type and raw dtype."""
+    name = _own_float(rows)
+    if name == "float64":
+        return safetensors_bytes(rows, dtype="float64"), "application/safetensors", None
+    return _raw_bytes(rows, name), "application/octet-stream", name  # type: ignore[arg-type]
+
+
+def upload_rows(
+    base_url: str, rows: Any, *, api_key: str | None = None, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Upload ``rows`` (a 2-D NumPy array or torch tensor, sent in its float dtype) to the
+    server's binary route ``POST /v1/prompt_embeds`` and return the part to put in a message:
+    ``{"type": "prompt_embeds", "uuid": <id>}``.
+
+    ``base_url`` is what the ``openai`` client takes (``http://host:port/v1``). No base64 and
+    no JSON around the rows: the body is their bytes. The server keeps them by reference
+    (``CHAT_EMBEDS_REFERENCE_BYTES``, per API server process), so a chat sent much later, or to
+    another API server process, may get ``prompt_embeds_reference_unknown``: upload again (or
+    let ``Conversation`` handle it). Raises ``UploadError`` on an error answer.
+    """
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    shape = [int(d) for d in rows.shape]
+    if len(shape) != 2:
+        raise ValueError(f"rows must be 2-D (num_rows, hidden_size); got shape {shape}")
+    body, media_type, dtype = _raw_body(rows)
+    query = (
+        ""
+        if dtype is None
+        else "?" + urllib.parse.urlencode({"dtype": dtype, "shape": f"{shape[0]},{shape[1]}"})
+    )
+    request = urllib.request.Request(
+        base_url.rstrip("/") + "/prompt_embeds" + query,
+        data=body,
+        method="POST",
+        headers={"Content-Type": media_type, **_auth_headers(api_key)},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise UploadError(exc.code, exc.read().decode(errors="replace")) from None
+    return dict(answer["part"])
+
+
+class UploadError(RuntimeError):
+    """The server refused an upload; ``status`` and the error body say why."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"upload refused with HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+def upload_file(client: Any, rows: Any, *, purpose: str = "user_data") -> dict[str, Any]:
+    """Upload ``rows`` through the Files API (``client.files.create``, an ``openai.OpenAI``
+    client or anything with its ``files.create``) and return the ``file`` part naming them:
+    ``{"type": "file", "file": {"file_id": <id>}}`` (its id also works as a prompt_embeds
+    part's ``uuid``)."""
+    created = client.files.create(file=(ROWS_FILENAME, safetensors_bytes(rows)), purpose=purpose)
+    return file_id_part(created.id)
+
+
 # -- parts by reference: send a part's data once, its uuid afterwards -----------------------------
 
 # The markers of the server's "send the data again" answers (``errors.REFERENCE_UNKNOWN_CODE``
@@ -146,8 +290,11 @@ def is_reference_miss(error: object) -> bool:
     return REFERENCE_UNKNOWN_CODE in str(error)
 
 
+Shape = Literal["prompt_embeds", "file"]
+
+
 class Conversation:
-    """Sends each prompt_embeds part's data once, and only its ``uuid`` in later requests.
+    """Sends each part's rows once, and only its ``uuid`` in later requests.
 
     Chat clients resend the whole history every turn; with this helper a large part sent in
     turn 1 costs a few bytes in every later turn. Keep the full parts (with ``data``) in your
@@ -160,44 +307,110 @@ class Conversation:
     ``part`` builds a part with a fresh random uuid; any part you build with a ``uuid`` and
     ``data`` works the same. Uuids must be unguessable: any client that knows one can use its
     rows on that server.
+
+    ``base_url`` (as the ``openai`` client takes it, ``http://host:port/v1``) and ``api_key``
+    let ``part`` upload rows larger than ``upload_above`` bytes (``UPLOAD_ABOVE_BYTES``, 1 MiB,
+    by default; ``None``: never) through ``upload_rows`` instead: the message then holds the
+    reference alone from the first turn, and the rows are sent inline only if the server
+    answers it no longer holds them. ``shape="file"`` builds standard OpenAI ``file`` parts
+    (``file_data`` / ``file_id``) instead of prompt_embeds parts, for clients and gateways that
+    pass only OpenAI's part types through (docs/clients.md).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        upload_above: int | None = UPLOAD_ABOVE_BYTES,
+        shape: Shape = "prompt_embeds",
+    ) -> None:
+        if shape not in ("prompt_embeds", "file"):
+            raise ValueError(f"shape must be 'prompt_embeds' or 'file'; got {shape!r}")
         self.sent: set[str] = set()  # uuids whose data a successful request carried
         self.references = True  # False once the server said it keeps none
         self.resends = 0  # requests resent with data after a miss
+        self.uploads = 0  # parts uploaded by ``part``
+        self.base_url = base_url
+        self.api_key = api_key
+        self.upload_above = upload_above
+        self.shape: Shape = shape
+        self._uploaded: dict[str, Any] = {}  # uuid -> rows of a part sent by upload
 
-    @staticmethod
     def part(
-        embeddings: Any, *, encoding: Encoding = "raw", dtype: WireDtype | None = None
+        self, embeddings: Any, *, encoding: Encoding = "raw", dtype: WireDtype | None = None
     ) -> dict[str, Any]:
-        """``prompt_embeds_part(...)`` with a fresh random ``uuid``."""
+        """A part holding ``embeddings`` under a fresh random uuid: uploaded first when they
+        are big and the server is known (see the class), else with its data inline."""
         import uuid
 
-        return {
-            **prompt_embeds_part(embeddings, encoding=encoding, dtype=dtype),
-            "uuid": uuid.uuid4().hex,
-        }
+        nbytes = int(embeddings.shape[0]) * int(embeddings.shape[1]) * _itemsize(embeddings)
+        if self.base_url and self.upload_above is not None and nbytes > self.upload_above:
+            reference = upload_rows(self.base_url, embeddings, api_key=self.api_key)["uuid"]
+            self._uploaded[reference] = embeddings
+            self.sent.add(reference)
+            self.uploads += 1
+            return self._reference(reference)
+        name = uuid.uuid4().hex
+        if self.shape == "file":
+            # The server's id prefix: a file_id it does not hold is then a miss, not a file.
+            part = file_part(embeddings, dtype=dtype)
+            return {"type": "file", "file": {**part["file"], "file_id": ROWS_ID_PREFIX + name}}
+        return {**prompt_embeds_part(embeddings, encoding=encoding, dtype=dtype), "uuid": name}
+
+    def _reference(self, reference: str) -> dict[str, Any]:
+        if self.shape == "file":
+            return file_id_part(reference)
+        return {"type": "prompt_embeds", "uuid": reference}
 
     def outgoing(self, messages: Any) -> Any:
         """``messages`` (chat messages or Responses ``input``) as this conversation sends them:
         parts whose data the server already got carry their uuid alone."""
         if not self.references:
-            return messages
+            return self._with_data(messages)
         return _map_parts(messages, self._strip)
 
     def _strip(self, part: dict[str, Any]) -> dict[str, Any]:
-        if part.get("uuid") in self.sent and part.get("data") is not None:
-            return {"type": part["type"], "uuid": part["uuid"]}
+        reference, has_data = _reference_of(part)
+        if reference in self.sent and has_data:
+            if part["type"] == "prompt_embeds":
+                return {"type": part["type"], "uuid": reference}
+            fields = {"file_id": reference}
+            return (
+                {"type": "file", "file": fields}
+                if part["type"] == "file"
+                else {"type": part["type"], **fields}
+            )
         return part
+
+    def _with_data(self, messages: Any) -> Any:
+        """``messages`` with the rows of uploaded parts inline again (under their uuids)."""
+        if not self._uploaded:
+            return messages
+        return _map_parts(messages, self._inline)
+
+    def _inline(self, part: dict[str, Any]) -> dict[str, Any]:
+        reference, has_data = _reference_of(part)
+        rows = self._uploaded.get(reference) if reference is not None else None
+        if rows is None or has_data:
+            return part
+        if part["type"] == "prompt_embeds":
+            return {**prompt_embeds_part(rows), "uuid": reference}
+        fields = {**file_part(rows)["file"], "file_id": reference}
+        return (
+            {"type": "file", "file": fields}
+            if part["type"] == "file"
+            else {"type": part["type"], **fields}
+        )
 
     def record(self, messages: Any) -> None:
         """Note that a request carrying ``messages`` (with data) succeeded."""
         _map_parts(messages, self._note)
 
     def _note(self, part: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(part.get("uuid"), str) and part.get("data") is not None:
-            self.sent.add(part["uuid"])
+        reference, has_data = _reference_of(part)
+        if isinstance(reference, str) and has_data:
+            self.sent.add(reference)
         return part
 
     def send(self, create: Any, *, messages: Any = None, input: Any = None, **kwargs: Any) -> Any:
@@ -212,21 +425,41 @@ class Conversation:
         try:
             result = create(**{key: wire}, **kwargs)
         except Exception as exc:  # the client's own error type; only a miss is handled
-            if wire is full or not is_reference_miss(exc):
+            if not is_reference_miss(exc):
                 raise
             if REFERENCES_OFF_CODE in str(exc):
                 self.references = False
+            full = self._with_data(full)
+            if wire is full:
+                raise
             self.resends += 1
             result = create(**{key: full}, **kwargs)
         self.record(full)
         return result
 
 
+def _itemsize(value: Any) -> int:
+    return int(getattr(value.dtype, "itemsize", None) or value.element_size())
+
+
+_FILE_PART_TYPES: Final = ("file", "input_file")
+
+
+def _reference_of(part: dict[str, Any]) -> tuple[Any, bool]:
+    """A part's uuid (a file part's ``file_id``) and whether it carries its rows."""
+    if part.get("type") == "prompt_embeds":
+        return part.get("uuid"), part.get("data") is not None
+    fields = part.get("file") if part.get("type") == "file" else part
+    if not isinstance(fields, dict):
+        return None, False
+    return fields.get("file_id"), fields.get("file_data") is not None
+
+
 def _map_parts(value: Any, change: Any) -> Any:
     """``value`` with ``change(part)`` in place of each prompt_embeds part (copies only what
     changes)."""
     if isinstance(value, dict):
-        if value.get("type") == "prompt_embeds":
+        if value.get("type") == "prompt_embeds" or value.get("type") in _FILE_PART_TYPES:
             return change(value)
         changed = {k: _map_parts(v, change) for k, v in value.items()}
         return value if all(changed[k] is value[k] for k in value) else changed

@@ -188,6 +188,42 @@ REFERENCES_OFF: Final = (
     "{where}: prompt_embeds_reference_unknown: this server keeps no prompt_embeds parts by uuid "
     "(prompt_embeds_references_off, CHAT_EMBEDS_REFERENCE_BYTES=0); send the part with its data."
 )
+# -- Rows uploaded once, used by id (entrypoints/row_uploads.py): POST /v1/prompt_embeds and the
+# Files API (POST /v1/files). Rows are checked with the part messages above, ``where`` naming
+# the upload (UPLOAD_WHERE, FILE_WHERE).
+UPLOAD_WHERE: Final = "upload"
+FILE_WHERE: Final = "file"
+UPLOAD_MEDIA_TYPE: Final = (
+    "POST /v1/prompt_embeds takes the rows as the request body: Content-Type "
+    "application/octet-stream (row-major little-endian values, with the dtype and shape query "
+    "parameters) or application/safetensors (a safetensors file of one tensor); got {got!r}."
+)
+RAW_BODY_LENGTH: Final = (
+    "{where}: the body holds {got} bytes of prompt_embeds part rows, but shape {shape} in "
+    "{dtype} is {nbytes} bytes."
+)
+UPLOAD_REFERENCES_OFF: Final = (
+    "{where}: this server keeps no rows by reference (prompt_embeds_references_off, "
+    "CHAT_EMBEDS_REFERENCE_BYTES=0), so it takes no uploads; send the rows inline as a "
+    "prompt_embeds part."
+)
+UPLOAD_OVER_STORE: Final = (
+    "{where}: the rows take {size} bytes, more than this server keeps by reference "
+    "(CHAT_EMBEDS_REFERENCE_BYTES={limit}); send them inline as a prompt_embeds part."
+)
+FILE_FORM: Final = (
+    "POST /v1/files takes a multipart form with a 'file' field (the rows file) and a "
+    "'purpose' field; {problem}."
+)
+FILE_NOT_ROWS: Final = (
+    "file: this server's Files API holds prompt embeddings only: a safetensors file of one "
+    "2-D tensor of shape (num_rows, {width}) (a '.safetensors' filename, or safetensors "
+    "content); {filename!r} is neither."
+)
+FILE_NOT_FOUND: Final = (
+    "No such File object: {file_id!r} (this server holds no rows under it: never uploaded here, "
+    "deleted, evicted, or uploaded to another API server process)."
+)
 # -- Soft prompts: PEFT prompt tuning served by name (stores/soft_prompts.py) -----------------
 # Loading (startup and /v1/load_soft_prompt): SOFT_PROMPT_ENTRY, then one of the messages below.
 SOFT_PROMPT_ENTRY: Final = "Soft prompt {entry}: "

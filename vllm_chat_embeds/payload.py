@@ -19,7 +19,7 @@ import json
 import pickle
 import sys
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Final, NoReturn, cast
 
 import pybase64
 import torch
@@ -39,7 +39,7 @@ _SAFETENSORS_DTYPES: Final = {
     "BF16": torch.bfloat16,
     "F64": torch.float64,
 }
-_MAX_SAFETENSORS_HEADER: Final = 64 * 1024
+MAX_SAFETENSORS_HEADER: Final = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,14 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-def validate_tensor(value: object, where: str, spec: PayloadSpec) -> torch.Tensor:
-    """Check shape, dtype, size and values; return a contiguous CPU tensor in the model dtype."""
+def validate_tensor(
+    value: object, where: str, spec: PayloadSpec, *, pooled: bool = True
+) -> torch.Tensor:
+    """Check shape, dtype, size and values; return a contiguous CPU tensor in the model dtype.
+
+    ``pooled=False``: a cast never lands in a reused decode buffer, so the result is either
+    ``value`` itself or memory nobody else holds (uploads keep it as is).
+    """
     if not isinstance(value, torch.Tensor):
         reject(errors.NOT_A_TENSOR, where=where, got=type(value).__name__)
     tensor = value.detach()
@@ -141,14 +147,14 @@ def validate_tensor(value: object, where: str, spec: PayloadSpec) -> torch.Tenso
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
     if tensor.dtype != spec.dtype or not tensor.is_contiguous():
-        out = pooled_empty((rows, width), spec.dtype)
+        out = pooled_empty((rows, width), spec.dtype) if pooled else None
         tensor = tensor.to(spec.dtype).contiguous() if out is None else out.copy_(tensor)
     if not _all_finite(tensor):
         reject(errors.NOT_FINITE, where=where)
     return tensor
 
 
-def _little_endian(tensor: torch.Tensor) -> torch.Tensor:
+def little_endian(tensor: torch.Tensor) -> torch.Tensor:
     """Payload bytes are little-endian; on a big-endian host, swap (a copy, rare)."""
     if sys.byteorder == "little" or tensor.element_size() == 1:
         return tensor
@@ -191,18 +197,39 @@ def _declared_shape(
     return rows, width
 
 
-def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: object) -> object:
+@dataclass(frozen=True)
+class RowsLayout:
+    """What a payload's bytes hold, known before they are read: ``rows`` x ``width`` values of
+    ``dtype``, ``nbytes`` in all."""
+
+    dtype: torch.dtype
+    rows: int
+    width: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.width * self.dtype.itemsize
+
+
+def raw_layout(where: str, spec: PayloadSpec, dtype: object, shape: object) -> RowsLayout:
+    """Check a raw payload's declared ``dtype`` and ``shape`` (and its size against the part
+    limit) before any of its bytes are decoded."""
     if dtype is None:
         reject(errors.RAW_MISSING_FIELD, where=where, field="dtype")
     if shape is None:
         reject(errors.RAW_MISSING_FIELD, where=where, field="shape")
     if not isinstance(dtype, str) or dtype not in RAW_DTYPES:  # a JSON list is unhashable
         reject(errors.RAW_BAD_DTYPE, where=where, got=repr(dtype))
-    torch_dtype = RAW_DTYPES[dtype]  # type: ignore[index]
     rows, width = _declared_shape(shape, where, spec)
-    nbytes = rows * width * torch_dtype.itemsize
-    if nbytes > spec.max_part_bytes:
-        reject(errors.TOO_MANY_BYTES, where=where, size=nbytes, limit=spec.max_part_bytes)
+    layout = RowsLayout(RAW_DTYPES[dtype], rows, width)  # type: ignore[index]
+    if layout.nbytes > spec.max_part_bytes:
+        reject(errors.TOO_MANY_BYTES, where=where, size=layout.nbytes, limit=spec.max_part_bytes)
+    return layout
+
+
+def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: object) -> object:
+    layout = raw_layout(where, spec, dtype, shape)
+    torch_dtype, rows, width, nbytes = layout.dtype, layout.rows, layout.width, layout.nbytes
     expected = 4 * ((nbytes + 2) // 3)  # padded base64 length, known before decoding
     if len(data) != expected:
         reject(
@@ -218,59 +245,89 @@ def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: 
     if len(buffer) != nbytes:  # e.g. a padding character where data was expected
         reject(errors.NOT_BASE64, where=where, reason=f"decoded to {len(buffer)} bytes")
     flat = torch.frombuffer(buffer, dtype=torch_dtype)
-    return _little_endian(flat).view(rows, width)
+    return little_endian(flat).view(rows, width)
 
 
-def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
-    buffer = _decode_base64(data, where, spec, pooled=True)
+def _safetensors_bad(where: str, reason: str) -> NoReturn:
+    reject(errors.SAFETENSORS_BAD, where=where, reason=reason)
 
-    def bad(reason: str) -> None:
-        reject(errors.SAFETENSORS_BAD, where=where, reason=reason)
 
-    if len(buffer) < 8:
-        bad("shorter than its 8-byte header length")
-    header_len = int.from_bytes(buffer[:8], "little")
-    if header_len > min(len(buffer) - 8, _MAX_SAFETENSORS_HEADER):
-        bad(f"header length {header_len} does not fit")
+def looks_like_safetensors(prefix: bytes | bytearray | memoryview) -> bool:
+    """Whether a file's first 9 bytes could start a safetensors file: a plausible header
+    length, then the header's opening brace (recognising rows by content, whatever media type
+    a client claims)."""
+    if len(prefix) < 9:
+        return False
+    header_len = int.from_bytes(prefix[:8], "little")
+    return 2 <= header_len <= MAX_SAFETENSORS_HEADER and prefix[8] == ord("{")
+
+
+def safetensors_header_length(prefix: bytes | bytearray | memoryview, size: int, where: str) -> int:
+    """The header length a safetensors file of ``size`` bytes declares in its first 8."""
+    if size < 8:
+        _safetensors_bad(where, "shorter than its 8-byte header length")
+    header_len = int.from_bytes(prefix[:8], "little")
+    if header_len > min(size - 8, MAX_SAFETENSORS_HEADER):
+        _safetensors_bad(where, f"header length {header_len} does not fit")
+    return header_len
+
+
+def safetensors_layout(header_bytes: bytes, where: str, spec: PayloadSpec) -> RowsLayout:
+    """Check a safetensors header (one 2-D floating tensor, its data right after the header)."""
     try:
-        header = json.loads(bytes(buffer[8 : 8 + header_len]))
+        header = json.loads(header_bytes)
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deep nesting
-        bad("header is not JSON")
+        _safetensors_bad(where, "header is not JSON")
     if not isinstance(header, dict):
-        bad("header is not a JSON object")
+        _safetensors_bad(where, "header is not a JSON object")
     names = [k for k in header if k != "__metadata__"]
     if len(names) != 1:
         reject(errors.SAFETENSORS_COUNT, where=where, count=len(names))
     info = header[names[0]]
     if not isinstance(info, dict):
-        bad("tensor entry is not an object")
+        _safetensors_bad(where, "tensor entry is not an object")
     name = info.get("dtype")
     dtype = _SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         reject(errors.BAD_DTYPE, where=where, dtype=str(info.get("dtype")))
     shape = info.get("shape")
     rows, width = _declared_shape(shape, where, spec, in_header=True)
+    layout = RowsLayout(dtype, rows, width)
     offsets = info.get("data_offsets")
-    body = len(buffer) - 8 - header_len
-    nbytes = rows * width * dtype.itemsize  # type: ignore[union-attr]
     # The format's rule: the data section is exactly the tensors' bytes, no holes, nothing
     # after, so one file cannot also be read as something else.
     if (
         not isinstance(offsets, list)
         or [type(o) for o in offsets] != [int, int]
-        or offsets != [0, nbytes]
+        or offsets != [0, layout.nbytes]
     ):
-        bad(f"data_offsets {offsets!r} do not match shape {shape} and {info.get('dtype')}")
+        _safetensors_bad(
+            where, f"data_offsets {offsets!r} do not match shape {shape} and {info.get('dtype')}"
+        )
+    return layout
+
+
+def check_safetensors_body(body: int, layout: RowsLayout, where: str) -> None:
+    """The data section after the header must be exactly the tensor's bytes."""
+    nbytes = layout.nbytes
     if body != nbytes:
-        bad(
+        _safetensors_bad(
+            where,
             f"{body - nbytes} bytes after the tensor data"
             if body > nbytes
-            else f"data cut short: {body} of {nbytes} bytes"
+            else f"data cut short: {body} of {nbytes} bytes",
         )
+
+
+def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
+    buffer = _decode_base64(data, where, spec, pooled=True)
+    header_len = safetensors_header_length(buffer, len(buffer), where)
+    layout = safetensors_layout(bytes(buffer[8 : 8 + header_len]), where, spec)
+    check_safetensors_body(len(buffer) - 8 - header_len, layout, where)
     start = 8 + header_len
-    count = rows * width
-    flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start)  # type: ignore[arg-type]
-    return _little_endian(flat).view(rows, width)
+    count = layout.rows * layout.width
+    flat = torch.frombuffer(buffer, dtype=layout.dtype, count=count, offset=start)
+    return little_endian(flat).view(layout.rows, layout.width)
 
 
 def decode_payload(

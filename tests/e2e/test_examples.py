@@ -120,3 +120,22 @@ def test_multi_turn_example_by_reference_matches_text(plugin_server, tiny_model:
         assert answers[f"embeds_turn{turn}"] == answers[f"text_turn{turn}"], found
         assert prompt_tokens[f"embeds_turn{turn}"] == prompt_tokens[f"text_turn{turn}"]
     assert answers["text_turn1"], "the model must generate something"
+
+
+def test_client_shapes_example_matches_text(plugin_server, tiny_model: Path):
+    """file_data, the Files API, the binary upload and Conversation(shape="file") all answer
+    as the text the rows stand for (on /v1/responses too: ``--api responses``, run by hand;
+    test_row_uploads_online.py covers those shapes there)."""
+    found = run_example(
+        "clients/openai_file_parts.py",
+        "--model-dir", str(tiny_model),
+        "--base-url", plugin_server.base_url + "/v1",
+        "--model", plugin_server.model,
+        *TINY_ARGS,
+        "--compare",
+    )  # fmt: skip
+    answers, prompt_tokens = found["answer"], found["prompt_tokens"]
+    assert set(answers) == {"file_data", "file_id", "upload", "conversation", "text"}, found
+    assert answers["text"], "the model must generate something"
+    assert len(set(answers.values())) == 1, answers
+    assert len(set(prompt_tokens.values())) == 1, prompt_tokens

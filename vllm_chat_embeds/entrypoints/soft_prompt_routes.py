@@ -27,19 +27,10 @@ from ..stores.soft_prompts import (
     inside_root,
     runtime_enabled,
 )
+from .http_errors import error_response as _error
 
 LOAD_PATH: Final = "/v1/load_soft_prompt"
 UNLOAD_PATH: Final = "/v1/unload_soft_prompt"
-
-
-def _error(message: str, status: HTTPStatus, param: str | None = None) -> JSONResponse:
-    from vllm.entrypoints.serve import create_error_response
-
-    err_type = {HTTPStatus.NOT_FOUND: "NotFoundError", HTTPStatus.FORBIDDEN: "ForbiddenError"}.get(
-        status, "BadRequestError"
-    )
-    body = create_error_response(message, err_type=err_type, status_code=status, param=param)
-    return JSONResponse(content=body.model_dump(), status_code=status.value)
 
 
 async def _body(raw_request: Request, fields: tuple[str, ...]) -> dict[str, str] | JSONResponse:

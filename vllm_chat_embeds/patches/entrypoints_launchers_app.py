@@ -1,9 +1,11 @@
-"""Patch of ``vllm/entrypoints/launchers/app.py``: add the runtime soft prompt routes.
+"""Patch of ``vllm/entrypoints/launchers/app.py``: add the plugin's own routes.
 
 What: ``build_app`` also attaches ``POST /v1/load_soft_prompt`` and ``/v1/unload_soft_prompt``
-(``entrypoints.soft_prompt_routes``). Why: vLLM's own way for plugins to add routes, the
+(``entrypoints.soft_prompt_routes``), and the row uploads: ``POST /v1/prompt_embeds`` and the
+Files API over rows, ``/v1/files`` (``entrypoints.row_uploads``; not attached where vLLM has a
+``/v1/files`` of its own). Why: vLLM's own way for plugins to add routes, the
 ``vllm.endpoint_plugins`` entry point group, loads a plugin only when the operator names it in
-``VLLM_PLUGINS``, which is also the allowlist of general plugins; requiring that for two routes
+``VLLM_PLUGINS``, which is also the allowlist of general plugins; requiring that for the routes
 of a general plugin would be a trap. ``build_app`` looks ``register_api_routers`` up in its
 module's globals at call time, so wrapping that name reaches it. When it can go: when
 endpoint plugins can be enabled without narrowing the general-plugin allowlist.
@@ -30,8 +32,9 @@ def apply(patch: Patch) -> None:
     ) -> None:
         original(args, app, supported_tasks, model_config)
         if "generate" in supported_tasks:
-            from ..entrypoints.soft_prompt_routes import attach
+            from ..entrypoints import row_uploads, soft_prompt_routes
 
-            attach(app, int(getattr(args, "api_server_count", None) or 1))
+            soft_prompt_routes.attach(app, int(getattr(args, "api_server_count", None) or 1))
+            row_uploads.attach(app)
 
     app_module.register_api_routers = register_api_routers

@@ -25,6 +25,7 @@ from ..payload import PayloadSpec, decode_payload
 from ..placeholder import PLACEHOLDER_TOKEN
 from ..stores import references
 from ..stores.soft_prompts import named_part_rows
+from .file_parts import as_embeds_part, file_fields, holds_rows
 
 PART_TYPE: Final = "prompt_embeds"
 ALLOWED_KEYS: Final = frozenset({"type", "data", "encoding", "dtype", "shape", "uuid", "name"})
@@ -95,8 +96,19 @@ def _marker(nonce: str, index: int) -> str:
     return f"{MARKER_OPEN}{nonce}:{index}{MARKER_CLOSE}"
 
 
-def is_embeds_part(part: object) -> bool:
-    return isinstance(part, Mapping) and part.get("type") == PART_TYPE
+def is_embeds_part(part: object, *, files: bool | None = None) -> bool:
+    """A prompt_embeds part, or a ``file`` part holding rows (``renderers/file_parts.py``).
+
+    ``files``: whether file parts count; by default, when this process serves parts.
+    """
+    if isinstance(part, Mapping) and part.get("type") == PART_TYPE:
+        return True
+    return (_reserved_in_process if files is None else files) and holds_rows(part)
+
+
+def _as_part(value: Any) -> Any:
+    """The prompt_embeds part ``value`` is or stands for (a file part holding rows)."""
+    return value if value.get("type") == PART_TYPE else as_embeds_part(value)
 
 
 class LocatedPart(dict[str, Any]):
@@ -177,18 +189,18 @@ class _Slot:
         return value if self.index is None else value[self.index]
 
 
-def _located_parts(messages: Sequence[Any]) -> list[_Slot]:
+def _located_parts(messages: Sequence[Any], files: bool | None = None) -> list[_Slot]:
     found = []
     for m, message in enumerate(messages):
         if not isinstance(message, Mapping):
             continue
         for key in ("content", "reasoning"):
             value = message.get(key)
-            if key == "reasoning" and is_embeds_part(value):
+            if key == "reasoning" and is_embeds_part(value, files=files):
                 found.append(_Slot(m, key, None, f"messages[{m}].reasoning"))
             elif isinstance(value, list):
                 for p, part in enumerate(value):
-                    if is_embeds_part(part):
+                    if is_embeds_part(part, files=files):
                         where = _where(part, f"messages[{m}].{key}[{p}]")
                         found.append(_Slot(m, key, p, where))
     return found
@@ -210,7 +222,12 @@ def has_embeds_parts(messages: Sequence[Any]) -> bool:
 
 def has_embeds_data(messages: Sequence[Any]) -> bool:
     """Whether any prompt_embeds part carries ``data`` to decode (not only a ``uuid``)."""
-    return any(slot.get(messages).get("data") is not None for slot in _located_parts(messages))
+    for slot in _located_parts(messages):
+        part = slot.get(messages)
+        fields = file_fields(part)
+        if (part if fields is None else {"data": fields.get("file_data")}).get("data") is not None:
+            return True
+    return False
 
 
 def first_embeds_part(messages: Sequence[Any]) -> str | None:
@@ -255,7 +272,7 @@ def _rows_within(rows: Any, where: str, rows_left: int, spec: PayloadSpec) -> to
 
 
 def _resolve_rows(
-    located: list[_Slot], payloads: list[object], messages: Sequence[Any], spec: PayloadSpec
+    located: list[_Slot], payloads: list[object], parts: list[Any], spec: PayloadSpec
 ) -> list[torch.Tensor]:
     """Each part's rows: decoded from its ``data``, a soft prompt's by its ``name``, or kept
     under its ``uuid`` from before.
@@ -267,10 +284,9 @@ def _resolve_rows(
     rows: list[torch.Tensor | None] = [None] * len(located)
     sent: dict[str, int] = {}  # uuid -> index of the last part sending its data
     rows_left = spec.max_rows
-    for i, (slot, data) in enumerate(zip(located, payloads, strict=True)):
+    for i, (slot, data, part) in enumerate(zip(located, payloads, parts, strict=True)):
         if data is None:
             continue
-        part = slot.get(messages)
         if "name" in part:  # a soft prompt's rows, checked when it was loaded
             tensor = _rows_within(cast(torch.Tensor, data), slot.where, rows_left, spec)
         else:
@@ -292,7 +308,7 @@ def _resolve_rows(
     for i, slot in enumerate(located):
         if rows[i] is not None:
             continue
-        uuid = cast(str, _uuid(slot.get(messages), slot.where))
+        uuid = cast(str, _uuid(parts[i], slot.where))
         tensor = rows[sent[uuid]] if uuid in sent else store.get(uuid)
         # Rows kept for another model in this process (offline) are no rows for this one.
         if tensor is None or tensor.shape[1] != spec.width or tensor.dtype != spec.dtype:
@@ -316,7 +332,8 @@ def extract_parts(
     The caller's messages are not modified. Without prompt_embeds parts, the same list comes
     back with ``None``.
     """
-    located = _located_parts(messages)
+    # Without prompt_embeds, file parts are vLLM's to answer, as without the plugin.
+    located = _located_parts(messages, files=enabled)
     if not located:
         return list(messages), None
     if not enabled:
@@ -324,10 +341,11 @@ def extract_parts(
     if len(located) > limits.max_parts:
         reject(errors.TOO_MANY_PARTS, count=len(located), limit=limits.max_parts)
 
+    parts = [_as_part(slot.get(messages)) for slot in located]
     payloads = []
     total_chars = 0
-    for slot in located:
-        data = _check_keys(slot.get(messages), slot.where)
+    for slot, part in zip(located, parts, strict=True):
+        data = _check_keys(part, slot.where)
         if isinstance(data, str):
             total_chars += len(data)
         payloads.append(data)
@@ -337,7 +355,7 @@ def extract_parts(
 
     plan = EmbedsPlan(nonce=secrets.token_hex(8))
     out = list(messages)
-    tensors = _resolve_rows(located, payloads, messages, spec)
+    tensors = _resolve_rows(located, payloads, parts, spec)
     for index, (slot, tensor) in enumerate(zip(located, tensors, strict=True)):
         marker = _marker(plan.nonce, index)
         plan.parts.append(EmbedsPart(where=slot.where, marker=marker, tensor=tensor))

@@ -35,14 +35,15 @@ MAX_UUID_CHARS: Final = 256
 _HASHES_ATTR: Final = "_vllm_chat_embeds_content_hashes"
 
 
-def _own_rows(rows: torch.Tensor) -> torch.Tensor:
-    """A copy of ``rows`` that only the store holds.
+def _own_rows(rows: torch.Tensor, owned: bool = False) -> torch.Tensor:
+    """A copy of ``rows`` that only the store holds (``owned``: ``rows`` already is one).
 
     Why copy: the decoded rows may sit in a reused decode buffer (``decode_buffers``), which
     must stay free to reuse, or be a client's own tensor (offline), which it may change
-    afterwards; and the store's byte count is then exactly what it keeps alive.
+    afterwards; and the store's byte count is then exactly what it keeps alive. Uploaded rows
+    (``entrypoints/row_uploads.py``) are decoded into memory of their own, so they skip it.
     """
-    kept = rows.detach().clone(memory_format=torch.contiguous_format)
+    kept = rows.detach() if owned else rows.detach().clone(memory_format=torch.contiguous_format)
     setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed once
     kept_rows_digest(kept)  # here, off the event loop (the async renderer's executor)
     return kept
@@ -76,18 +77,19 @@ class ReferenceStore:
     def enabled(self) -> bool:
         return self.capacity > 0
 
-    def put(self, uuid: str, rows: torch.Tensor) -> torch.Tensor:
+    def put(self, uuid: str, rows: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
         """Keep ``rows`` under ``uuid``, replacing what it held; return the rows as kept.
 
         Rows larger than the whole store are not kept, and the uuid's old rows are forgotten
         even then: a later reference must never get rows other than the last ones sent.
+        ``owned``: ``rows`` are a contiguous tensor nobody else holds, kept without a copy.
         """
         nbytes = rows.numel() * rows.element_size()
         with self._lock:
             self._forget(uuid)
         if nbytes > self.capacity:  # also when the store is off (capacity 0)
             return rows
-        kept = _own_rows(rows)  # copied outside the lock: other requests go on meanwhile
+        kept = _own_rows(rows, owned)  # copied outside the lock: other requests go on meanwhile
         with self._lock:
             self._forget(uuid)  # a concurrent put of the same uuid: the last one wins
             while self._held + nbytes > self.capacity:
@@ -103,6 +105,18 @@ class ReferenceStore:
             if rows is not None:
                 self._rows.move_to_end(uuid)
             return rows
+
+    def peek(self, uuid: str) -> torch.Tensor | None:
+        """The rows kept under ``uuid``, without counting it as a use (listings)."""
+        with self._lock:
+            return self._rows.get(uuid)
+
+    def remove(self, uuid: str) -> bool:
+        """Forget the rows kept under ``uuid``; whether there were any."""
+        with self._lock:
+            held = uuid in self._rows
+            self._forget(uuid)
+            return held
 
     def _forget(self, uuid: str) -> None:
         rows = self._rows.pop(uuid, None)

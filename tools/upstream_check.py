@@ -144,23 +144,23 @@ def build_hub() -> None:
         (repo / "refs" / "main").write_text(STAND_IN_REVISION)
 
 
-def build_site(*, upto: int | None = None, tests_of: int | None = None) -> None:
+def build_site(*, upto: int | None = None, tests_of: int | None = None, site: Path = SITE) -> None:
     """``site/``: the harness's vllm with the first ``upto`` patches (all by default), plus
     the tests of patch ``tests_of`` alone when given (to run a test before its fix)."""
-    copy_package(site_packages(HARNESS) / "vllm", SITE, link_others=True)
+    copy_package(site_packages(HARNESS) / "vllm", site, link_others=True)
     patches = series()
     for patch in patches[: len(patches) if upto is None else upto]:
-        git_apply(SITE, patch).check_returncode()
+        git_apply(site, patch).check_returncode()
     if tests_of is not None:
-        git_apply(SITE, patches[tests_of], "--include=tests/*").check_returncode()
-    tests = SITE / "tests"
+        git_apply(site, patches[tests_of], "--include=tests/*").check_returncode()
+    tests = site / "tests"
     tests.mkdir(exist_ok=True)
     if not (tests / "utils.py").exists():
         shutil.copy2(HARNESS_FILES / "utils.py", tests / "utils.py")
-    (SITE / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+    (site / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
 
 
-def check_env() -> dict[str, str]:
+def check_env(site: Path = SITE) -> dict[str, str]:
     """The environment the patched built-in runs in: plugin off, stand-in hub, patched vllm."""
     env = dict(os.environ)
     env.update(
@@ -168,7 +168,7 @@ def check_env() -> dict[str, str]:
         HF_HUB_CACHE=str(HUB),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
-        PYTHONPATH=str(SITE),
+        PYTHONPATH=str(site),
     )
     env.setdefault("VLLM_CACHE_ROOT", str(BUILD / "vllm-cache"))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the machine is shared

@@ -47,6 +47,9 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
         "`tool_calls[0].function.arguments`",
         "0006",
     ),
+    "raw_valid_control": (200, "pt=", "0010"),
+    "raw_length_mismatch": (400, "base64 characters", "0010"),
+    "raw_fields_with_torch": (400, "required with 'raw'", "0010"),
     "valid_control": (200, "pt=", "(control)"),
 }
 

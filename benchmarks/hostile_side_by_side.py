@@ -127,6 +127,7 @@ def build_cases(table: EmbeddingTable) -> list[Case]:
         Case("reversed_template_parts", render(REORDERED, part), {"chat_template": REVERSED}, "d"),
         Case("text_chat_add_special_false", TEXT_ONLY, {"add_special_tokens": False}, "g"),
         Case("text_chat_add_special_true", TEXT_ONLY, {"add_special_tokens": True}, "g"),
+        Case("beam_search_with_part", render(PLAIN, part), {"use_beam_search": True, "n": 2}, "k"),
     ]
     return cases
 

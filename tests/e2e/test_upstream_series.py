@@ -31,6 +31,8 @@ CORE = (
     "data_number",
     "zero_rows",
     "reserved_in_tool_arguments",
+    "raw_valid_control",
+    "beam_search_with_part",
     "valid_control",
 )
 

@@ -49,6 +49,7 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
     ),
     "raw_valid_control": (200, "pt=", "0010"),
     "raw_length_mismatch": (400, "base64 characters", "0010"),
+    "raw_list_dtype": (400, "dtype must be one of", "0010"),
     "raw_fields_with_torch": (400, "required with 'raw'", "0010"),
     "beam_search_with_part": (200, "pt=", "0009"),
     "valid_control": (200, "pt=", "(control)"),

@@ -42,7 +42,8 @@ CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 	tests/e2e/test_scale_out_split.py tests/unit/test_scale_out_rows.py \
 	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
 
-.PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model
+.PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model \
+	upstream-check
 
 install: $(STAMP)
 
@@ -85,6 +86,14 @@ venv-vllm033: $(STAMP033)
 $(STAMP033): $(STAMP) tools/build_vllm033_venv.py
 	$(BIN)/python tools/build_vllm033_venv.py --source $(VENV) --dest $(VENV033) \
 		--cache $(WHEELS) --repo $(CURDIR)
+
+# The patch series for vLLM itself (upstream/): applies it to a pristine 0.33.0 tree from the
+# cached wheel (and reports which patches apply to 0.32.0), then runs the patches' own tests and
+# our hostile cases against the patched built-in, plugin off (tools/upstream_check.py).
+# UPSTREAM_ARGS="--before" first shows every patch test failing without the series.
+UPSTREAM_ARGS ?=
+upstream-check: $(STAMP033)
+	$(VENV033)/bin/python tools/upstream_check.py $(UPSTREAM_ARGS)
 
 # e.g. make bench VLLM=0.33 BENCH_ARGS="--only hostile_side_by_side"
 BENCH_ARGS ?=

@@ -35,7 +35,11 @@ from conftest import (  # noqa: E402
     server_env,
 )
 
-Flavour = Literal["plugin", "builtin"]
+Flavour = Literal["plugin", "builtin", "series"]
+# ``series``: vLLM 0.33's built-in with the upstream patch series applied (plugin off), served by
+# the 0.33 harness over the patched tree that ``tools/upstream_check.py --apply-only`` builds.
+SERIES_SITE = REPO / "build" / "upstream" / "site"
+HARNESS_VLLM = REPO / ".venv-vllm033" / "bin" / "vllm"
 ACTIVE_LINE = "vllm_chat_embeds"  # the plugin logs "vllm_chat_embeds <version> active: ..."
 
 __all__ = [
@@ -78,16 +82,22 @@ class ManagedServer:
     """A ``vllm serve`` of one flavour that can be restarted; always torn down on exit.
 
     ``plugin``: this plugin active. ``builtin``: vLLM's own implementation (``VLLM_PLUGINS=""``).
-    Both use vLLM's default multiprocess engine and the e2e tests' server arguments.
+    ``series``: the built-in of vLLM 0.33 with the upstream series applied (``SERIES_SITE``).
+    All use vLLM's default multiprocess engine and the e2e tests' server arguments.
     """
 
     def __init__(self, flavour: Flavour, model: Path, cache_root: str) -> None:
         self.flavour = flavour
         self.model = model
+        extra = {"PYTHONPATH": str(SERIES_SITE)} if flavour == "series" else None
         self.env = server_env(
-            trap=False, plugins=flavour == "plugin", mp=True, cache_root=cache_root
+            trap=False, plugins=flavour == "plugin", mp=True, cache_root=cache_root, extra=extra
         )
         self.args = list(TEST_SERVER_ARGS)
+        self.command: list[str] | None = None
+        if flavour == "series":
+            self.command = [str(HARNESS_VLLM), "serve", str(model), "--host", "127.0.0.1",
+                            "--port", "{port}", *CPU_FLAGS, *self.args]  # fmt: skip
         self.restarts = 0
         self.startup_s: list[float] = []
         self._stack: ExitStack | None = None
@@ -102,7 +112,9 @@ class ManagedServer:
         stack = ExitStack()
         started = time.monotonic()
         try:
-            server = stack.enter_context(run_server(self.model, *self.args, env=self.env))
+            server = stack.enter_context(
+                run_server(self.model, *self.args, env=self.env, command=self.command)
+            )
         except BaseException:
             stack.close()
             raise

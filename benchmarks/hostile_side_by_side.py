@@ -15,6 +15,10 @@ as at start-up. A server that died, or whose probe reply changed, is restarted f
 remaining cases, and the restart is recorded. Prints a side-by-side table and writes
 ``benchmarks/results/hostile_side_by_side.json``.
 
+A third column, vLLM 0.33's built-in with the upstream patch series of ``upstream/`` applied
+(plugin off, served by the 0.33 harness), is added when ``build/upstream/site`` exists (built by
+``tools/upstream_check.py --apply-only``; ``--series yes|no`` forces it on or off).
+
     .venv/bin/python benchmarks/hostile_side_by_side.py [--model-dir CHECKPOINT_DIR]
 """
 
@@ -37,6 +41,8 @@ import common  # noqa: E402, F401  (imported first: puts tests/ and tests/e2e/ o
 from chat_cases import REVERSED, as_text, render  # noqa: E402  (tests/e2e, via common)
 from common import (  # noqa: E402
     CPU_FLAGS,
+    HARNESS_VLLM,
+    SERIES_SITE,
     TEST_SERVER_ARGS,
     EmbeddingTable,
     ManagedServer,
@@ -121,6 +127,7 @@ def build_cases(table: EmbeddingTable) -> list[Case]:
         Case("reversed_template_parts", render(REORDERED, part), {"chat_template": REVERSED}, "d"),
         Case("text_chat_add_special_false", TEXT_ONLY, {"add_special_tokens": False}, "g"),
         Case("text_chat_add_special_true", TEXT_ONLY, {"add_special_tokens": True}, "g"),
+        Case("beam_search_with_part", render(PLAIN, part), {"use_beam_search": True, "n": 2}, "k"),
     ]
     return cases
 
@@ -227,13 +234,19 @@ def state_cell(result: Result) -> str:
     return "yes"
 
 
-def print_table(cases: list[Case], plugin: dict[str, Result], builtin: dict[str, Result]) -> None:
-    print("\n| case | plugin | built-in | built-in alive? |")
-    print("| --- | --- | --- | --- |")
+def print_table(cases: list[Case], runs: dict[str, dict[str, Result]]) -> None:
+    plugin, builtin, series = runs["plugin"], runs["builtin"], runs.get("series")
+    extra = " 0.33 + upstream series | series alive? |" if series else ""
+    print(f"\n| case | plugin | built-in | built-in alive? |{extra}")
+    print("| --- | --- | --- | --- |" + (" --- | --- |" if series else ""))
     for case in cases:
         p, b = plugin[case.name], builtin[case.name]
         name = case.name if p.probe_unchanged else f"{case.name} (plugin: {state_cell(p)})"
-        print(f"| {name} | {cell(p)} | {cell(b)} | {state_cell(b)} |")
+        row = f"| {name} | {cell(p)} | {cell(b)} | {state_cell(b)} |"
+        if series:
+            s = series[case.name]
+            row += f" {cell(s)} | {state_cell(s)} |"
+        print(row)
 
 
 def main() -> int:
@@ -244,8 +257,18 @@ def main() -> int:
         type=Path,
         help="serve this checkpoint directory instead of the tiny test model (built if needed)",
     )
+    parser.add_argument(
+        "--series",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="third column: vLLM 0.33 + the upstream series, plugin off (auto: when "
+        "build/upstream/site exists, i.e. after tools/upstream_check.py --apply-only)",
+    )
     args = parser.parse_args()
     exit_on_sigterm()
+    with_series = args.series == "yes" or (
+        args.series == "auto" and (SERIES_SITE / "vllm").is_dir() and HARNESS_VLLM.exists()
+    )
 
     model = args.model_dir.resolve() if args.model_dir else build_tiny_model()
     table = EmbeddingTable(model)
@@ -253,12 +276,12 @@ def main() -> int:
     runs: dict[str, dict[str, Result]] = {}
     servers: dict[str, ManagedServer] = {}
     with vllm_cache_root() as cache_root:
-        for flavour in ("plugin", "builtin"):
+        for flavour in ("plugin", "builtin", *(("series",) if with_series else ())):
             print(f"{flavour}: starting vllm serve ...", flush=True)
             servers[flavour] = ManagedServer(flavour, model, cache_root)
             runs[flavour] = run_flavour(servers[flavour], cases)
 
-    print_table(cases, runs["plugin"], runs["builtin"])
+    print_table(cases, runs)
     for flavour, managed in servers.items():
         print(f"{flavour}: {managed.restarts} restart(s); startup seconds {managed.startup_s}")
 

@@ -1,0 +1,271 @@
+"""Build, apply and test the upstream patch series of ``upstream/`` against vLLM 0.33.0.
+
+Why: the series is meant for vLLM itself, so it is checked on vLLM's own code with this plugin
+off (``VLLM_PLUGINS=""``): every patch must apply in order to a pristine 0.33.0 tree, the
+patches' own tests must pass on the patched vLLM, and our hostile end-to-end cases must show
+the patched built-in alive after every case, answering each case the series claims as claimed.
+
+Trees (all under ``build/upstream/``, git-ignored; the shared venvs are never written):
+- ``pristine-0.33.0/``: the 0.33 wheel's Python files, unpacked from the cached wheel; every
+  patch is applied to it in order (the apply check);
+- ``pristine-0.32.0/``: ``.venv``'s vllm Python files; reports which patches also apply to 0.32;
+- ``site/``: the harness's vllm package (0.33 Python over 0.32's CPU kernels; ``.py`` files
+  copied, everything else linked), with the series applied. ``git apply`` at this root also
+  creates ``site/tests/...``, the patches' tests in vLLM's layout, run from here. The harness
+  venv's Python runs with ``PYTHONPATH=site`` so the patched package shadows the installed one;
+- ``hub/``: a Hugging Face cache whose snapshots are links to the local test models, so the
+  patches' tests can name small hub models (``MODEL_STAND_INS``) with ``HF_HUB_OFFLINE=1``.
+  ``site/tests/utils.py`` is a small stand-in for vLLM's ``tests/utils.py`` (only
+  ``RemoteOpenAIServer``), written only where vLLM's own is absent (a wheel has no tests).
+
+    .venv-vllm033/bin/python tools/upstream_check.py [--apply-only] [--tests-only]
+        [--hostile-only] [--before] [--per-patch] [-k EXPR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+UPSTREAM = REPO / "upstream"
+BUILD = REPO / "build" / "upstream"
+SITE = BUILD / "site"
+HUB = BUILD / "hub"
+PRISTINE_033 = BUILD / "pristine-0.33.0"
+PRISTINE_032 = BUILD / "pristine-0.32.0"
+WHEELS = REPO / ".models" / "cache" / "wheels"
+HARNESS = REPO / ".venv-vllm033"
+VENV = REPO / ".venv"
+MODELS = REPO / ".models"
+# Hub names used by the patches' tests -> the local model standing in for each.
+MODEL_STAND_INS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "tiny-llama-test"}
+STAND_IN_REVISION = "0" * 40
+HARNESS_FILES = Path(__file__).resolve().parent / "upstream_harness"
+
+
+def log(message: str) -> None:
+    print(f"upstream_check: {message}", flush=True)
+
+
+@functools.cache
+def series() -> list[Path]:
+    """The patches in merge order (read once per run)."""
+    names = [line.strip() for line in (UPSTREAM / "series").read_text().splitlines()]
+    return [UPSTREAM / name for name in names if name and not name.startswith("#")]
+
+
+def site_packages(venv: Path) -> Path:
+    (found,) = sorted(venv.resolve().glob("lib/python3*/site-packages"))
+    return found
+
+
+def git_apply(root: Path, patch: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``git apply`` with ``root`` as the tree root (its own empty repository, so the paths of
+    the patch are relative to ``root`` and not to this worktree)."""
+    return subprocess.run(
+        ["git", "apply", "--whitespace=nowarn", *extra, str(patch)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+
+
+def fresh_tree(root: Path) -> None:
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+
+
+def unpack_wheel(root: Path) -> None:
+    (wheel,) = sorted(WHEELS.glob("vllm-0.33.0-*.whl"))[-1:]
+    fresh_tree(root)
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            if info.filename.startswith("vllm/") and info.filename.endswith(".py"):
+                archive.extract(info, root)
+
+
+def copy_package(source: Path, root: Path, *, link_others: bool) -> None:
+    """Copy the ``.py`` files of the vllm package at ``source``; link (or skip) the rest."""
+    fresh_tree(root)
+    for path in source.rglob("*"):
+        if path.is_dir() or "__pycache__" in path.parts:
+            continue
+        target = root / "vllm" / path.relative_to(source)
+        if path.suffix == ".py":
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        elif link_others:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+
+
+def apply_in_order(root: Path, label: str, *, required: bool) -> list[str]:
+    """Apply each patch in turn; return the names that applied (all, when ``required``)."""
+    applied = []
+    for patch in series():
+        result = git_apply(root, patch, "--check")
+        if result.returncode != 0:
+            if required:
+                raise SystemExit(f"{patch.name} does not apply to {label}:\n{result.stderr}")
+            log(f"  {label}: {patch.name} does NOT apply ({result.stderr.strip().splitlines()[0]})")
+            continue
+        git_apply(root, patch).check_returncode()
+        applied.append(patch.name)
+        log(f"  {label}: {patch.name} applies")
+    return applied
+
+
+def build_hub() -> None:
+    """A Hugging Face cache holding the stand-ins under their hub names."""
+    for name, local in MODEL_STAND_INS.items():
+        model = MODELS / local
+        if not (model / "config.json").exists():
+            subprocess.run(
+                [sys.executable, str(REPO / "tools" / "build_test_model.py"), "--out", str(model)],
+                check=True,
+            )
+        repo = HUB / f"models--{name.replace('/', '--')}"
+        snapshot = repo / "snapshots" / STAND_IN_REVISION
+        if snapshot.exists():
+            shutil.rmtree(snapshot)
+        snapshot.mkdir(parents=True)
+        for file in model.iterdir():
+            (snapshot / file.name).symlink_to(file.resolve())
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(STAND_IN_REVISION)
+
+
+def build_site(*, upto: int | None = None, tests_of: int | None = None, site: Path = SITE) -> None:
+    """``site/``: the harness's vllm with the first ``upto`` patches (all by default), plus
+    the tests of patch ``tests_of`` alone when given (to run a test before its fix)."""
+    copy_package(site_packages(HARNESS) / "vllm", site, link_others=True)
+    patches = series()
+    for patch in patches[: len(patches) if upto is None else upto]:
+        git_apply(site, patch).check_returncode()
+    if tests_of is not None:
+        git_apply(site, patches[tests_of], "--include=tests/*").check_returncode()
+    tests = site / "tests"
+    tests.mkdir(exist_ok=True)
+    if not (tests / "utils.py").exists():
+        shutil.copy2(HARNESS_FILES / "utils.py", tests / "utils.py")
+    (site / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
+
+
+def check_env(site: Path = SITE) -> dict[str, str]:
+    """The environment the patched built-in runs in: plugin off, stand-in hub, patched vllm."""
+    env = dict(os.environ)
+    env.update(
+        VLLM_PLUGINS="",
+        HF_HUB_CACHE=str(HUB),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONPATH=str(site),
+    )
+    env.setdefault("VLLM_CACHE_ROOT", str(BUILD / "vllm-cache"))
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the machine is shared
+    return env
+
+
+def harness_python() -> str:
+    return str(HARNESS / "bin" / "python")
+
+
+def run_tests(paths: list[str], extra: list[str]) -> int:
+    cmd = [harness_python(), "-m", "pytest", *paths, "-q", *extra]
+    log(f"running {' '.join(cmd[1:])} in {SITE}")
+    return subprocess.run(cmd, cwd=SITE, env=check_env()).returncode
+
+
+def patch_tests(patch: Path) -> list[str]:
+    """The test files a patch adds or changes."""
+    files = []
+    for line in patch.read_text().splitlines():
+        if line.startswith("+++ b/tests/") and line.endswith(".py"):
+            files.append(line[len("+++ b/") :])
+    return files
+
+
+def test_files() -> list[str]:
+    return sorted({t for patch in series() for t in patch_tests(patch)})
+
+
+def before(extra: list[str]) -> int:
+    """Every test file of the series, on vLLM without the series, must fail."""
+    build_site(upto=0)
+    for patch in series():
+        git_apply(SITE, patch, "--include=tests/*").check_returncode()
+    passing = [test for test in test_files() if run_tests([test], extra) == 0]
+    for test in passing:
+        log(f"{test} passes WITHOUT the series")
+    return 1 if passing else 0
+
+
+def per_patch(extra: list[str]) -> int:
+    """For each patch: its tests fail with the patches before it, and pass with it (slow)."""
+    failures = []
+    for index, patch in enumerate(series()):
+        tests = patch_tests(patch)
+        if not tests:
+            log(f"{patch.name}: no tests")
+            continue
+        build_site(upto=index, tests_of=index)
+        if run_tests(tests, extra) == 0:
+            failures.append(f"{patch.name}: its tests pass WITHOUT the fix")
+        build_site(upto=index + 1)
+        if run_tests(tests, extra) != 0:
+            failures.append(f"{patch.name}: its tests fail WITH the fix")
+    for failure in failures:
+        log(failure)
+    return 1 if failures else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--apply-only", action="store_true", help="only build and apply")
+    parser.add_argument("--tests-only", action="store_true", help="skip the hostile run")
+    parser.add_argument("--hostile-only", action="store_true", help="skip the patches' tests")
+    parser.add_argument("--before", action="store_true", help="first: tests fail without it")
+    parser.add_argument("--per-patch", action="store_true", help="before/after each patch")
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression for the tests")
+    args = parser.parse_args()
+    extra = ["-k", args.keyword] if args.keyword else []
+
+    log("pristine vLLM 0.33.0 from the wheel: applying the series in order")
+    unpack_wheel(PRISTINE_033)
+    apply_in_order(PRISTINE_033, "0.33.0", required=True)
+    log("vLLM 0.32.0 (.venv): which patches also apply")
+    copy_package(site_packages(VENV) / "vllm", PRISTINE_032, link_others=False)
+    on_032 = apply_in_order(PRISTINE_032, "0.32.0", required=False)
+    log(f"{len(on_032)}/{len(series())} patches also apply to 0.32.0: {on_032}")
+    build_hub()
+    build_site()
+    if args.apply_only:
+        return 0
+    status = 0
+    if args.before:
+        status |= before(extra)
+    if args.per_patch:
+        status |= per_patch(extra)
+    if args.before or args.per_patch:
+        build_site()
+    if not args.hostile_only:
+        status |= run_tests(test_files(), extra)
+    if not args.tests_only:
+        cmd = [harness_python(), str(REPO / "tools" / "upstream_hostile.py")]
+        log("hostile cases against the patched built-in")
+        status |= subprocess.run(cmd, cwd=REPO, env=check_env()).returncode
+    log("PASS" if status == 0 else "FAIL")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

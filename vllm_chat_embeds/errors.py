@@ -198,7 +198,8 @@ UPLOAD_MEDIA_TYPE: Final = (
     "parameters) or application/safetensors (a safetensors file of one tensor); got {got!r}."
 )
 RAW_BODY_LENGTH: Final = (
-    "{where}: the body holds {got} bytes, but shape {shape} in {dtype} is {nbytes} bytes."
+    "{where}: the body holds {got} bytes of prompt_embeds part rows, but shape {shape} in "
+    "{dtype} is {nbytes} bytes."
 )
 UPLOAD_REFERENCES_OFF: Final = (
     "{where}: this server keeps no rows by reference (prompt_embeds_references_off, "

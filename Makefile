@@ -40,8 +40,9 @@ CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 	tests/e2e/test_templates_online.py tests/e2e/test_compact_engine.py \
 	tests/e2e/test_responses_online.py tests/e2e/test_mistral_mode.py \
 	tests/e2e/test_images_online.py tests/e2e/test_references_online.py tests/unit/test_engine_rows.py \
-	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_ \
-	tests/unit/test_uploads.py tests/e2e/test_row_uploads_online.py \
+	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
+
+CORE_TESTS += tests/unit/test_uploads.py tests/e2e/test_row_uploads_online.py \
 	--deselect tests/e2e/test_row_uploads_online.py::test_api_key_guards_every_upload_route \
 	--deselect tests/e2e/test_row_uploads_online.py::test_two_api_servers_each_hold_their_own_uploads
 

@@ -30,7 +30,8 @@ endif
 # runs on 0.32): the unit tests of what meets vLLM's interfaces (compat table, version gate,
 # patches, request schemas, support matrix), startup, parity (hf, mistral), hostile table,
 # echo/prompt_logprobs, /tokenize, templates, compact transport, /v1/responses, images, and the
-# other modes' renderers without their live servers.
+# other modes' renderers without their live servers, uploads and file parts (not the --api-key
+# server with two API server processes).
 CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 	tests/unit/test_compact_patches.py tests/unit/test_responses_schema.py \
 	tests/unit/test_message_schema.py tests/unit/test_support_matrix.py tests/e2e/test_startup.py \
@@ -41,6 +42,10 @@ CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 	tests/e2e/test_images_online.py tests/e2e/test_references_online.py tests/unit/test_engine_rows.py \
 	tests/e2e/test_scale_out_split.py tests/unit/test_scale_out_rows.py \
 	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
+
+CORE_TESTS += tests/unit/test_uploads.py tests/e2e/test_row_uploads_online.py \
+	--deselect tests/e2e/test_row_uploads_online.py::test_api_key_guards_every_upload_route \
+	--deselect tests/e2e/test_row_uploads_online.py::test_two_api_servers_each_hold_their_own_uploads
 
 .PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model \
 	upstream-check

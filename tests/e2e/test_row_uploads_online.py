@@ -129,6 +129,18 @@ def test_float16_uploads_answer_as_the_same_rows_inline(plugin_server, table) ->
     messages = [{"role": "user", "content": [HEAD, inline]}]
     by_id = [{"role": "user", "content": [HEAD, response.json()["part"]]}]
     assert chat(plugin_server, by_id) == chat(plugin_server, messages)
+    # A chunked body (no Content-Length) streams in the same way.
+    body = rows.contiguous().view(torch.uint8).numpy().tobytes()
+    chunked = requests.post(
+        plugin_server.base_url + "/v1/prompt_embeds",
+        params={"dtype": "float16", "shape": f"{rows.shape[0]},{rows.shape[1]}"},
+        data=(body[i : i + 100] for i in range(0, len(body), 100)),
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=60,
+    )
+    assert chunked.status_code == 200, chunked.text
+    by_chunked = [{"role": "user", "content": [HEAD, chunked.json()["part"]]}]
+    assert chat(plugin_server, by_chunked) == chat(plugin_server, messages)
 
 
 def test_responses_take_uploads_and_input_file_parts(plugin_server, table) -> None:

@@ -205,14 +205,22 @@ def test_responses_truncation_auto_cuts_through_a_part(plugin_server, table):
         response = requests.post(plugin_server.base_url + "/v1/responses", json=body, timeout=120)
         assert response.status_code == 200, response.text
         out = response.json()
-        return {"text": out["output"][-1]["content"][0]["text"], "usage": out["usage"]}
+        cached = out["usage"]["input_tokens_details"]["cached_tokens"]
+        return {"text": out["output"][-1]["content"][0]["text"], "usage": out["usage"]}, cached
 
     words = " import os, sys"
     text = {"type": "input_text", "text": words}
     part = {"type": "prompt_embeds", "data": tensor_b64(table.rows(words))}
-    base = respond(text, 10)["usage"]["input_tokens"] - 10
-    for over in range(2, 9):  # the cut runs through the header, the part, then the filler
+    rows = len(table.rows(words))
+    base = respond(text, 10)[0]["usage"]["input_tokens"] - 10
+    # The tokenizer cuts the chat, then adds its BOS: removed are the header's 4 tokens, then
+    # the part's rows, then the filler.
+    for over in range(2, 4 + rows + 1):
         filler = 1023 - base + over
-        reference, out = respond(text, filler), respond(part, filler)
-        assert out == reference, over
-        assert out["usage"]["input_tokens"] == 1023
+        (reference, _), (out, cached) = respond(text, filler), respond(part, filler)
+        assert out["text"] == reference["text"], over
+        assert out["usage"]["input_tokens"] == reference["usage"]["input_tokens"] == 1023
+        if over < 4 + rows:  # rows kept in the first block: it must not hit the text's blocks
+            assert cached == 0, over
+        else:  # every row cut away: the same prompt as the text, whose blocks it reuses
+            assert cached > 0

@@ -112,6 +112,20 @@ def test_a_partial_run_away_from_the_cut_is_refused(ids: list[int], side: str) -
     assert info.value.args[0] == errors.SPANS_CUT.format(found=4, expected=5)
 
 
+def test_a_bos_added_after_the_cut_may_precede_the_cut_part() -> None:
+    """Hugging Face tokenizers truncate, then add their special tokens (``add_special_tokens``):
+    a BOS stands before the cut part's run; it is allowed there, and only it."""
+    bos = 7
+    assert first_values(kept_spans([bos, PH, PH, PH, PH, 3], [A, B], PH, "left", (bos,))) == [
+        [11],
+        [20, 21, 22],
+    ]
+    with pytest.raises(VLLMValidationError):
+        kept_spans([bos, 5, PH, PH, PH, PH], [A, B], PH, "left", (bos,))
+    with pytest.raises(VLLMValidationError):
+        kept_spans([bos, PH, PH, PH, PH], [A, B], PH, "left")
+
+
 def test_a_run_split_inside_the_kept_ids_is_still_refused() -> None:
     ids = [PH, PH, 7, PH, PH]  # 4 rows kept: A's last row, then B split by a token
     spans = kept_spans(ids, [A, B], PH, "left")

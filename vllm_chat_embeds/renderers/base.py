@@ -31,7 +31,7 @@ from .parts import (
     reserve_placeholder_text,
 )
 from .splice import EMBED_ROW_TOKEN_ID, build_embeds_input
-from .truncation import CUT_KEY, cut_side, kept_spans
+from .truncation import CUT_KEY, added_special_ids, cut_side, kept_spans
 
 # Private key under which the part tensors ride on the prompt dict from rendering to
 # `_process_tokens`, through vLLM's tokenization (which keeps unknown keys).
@@ -81,33 +81,39 @@ class EmbedsRendererMixin:
         soft_prompts.STORE.configure(self.model_config, embeds_enabled=enabled)
 
     def _tokenize_singleton_prompt(self, prompt: Any, params: Any) -> Any:
+        from_text = isinstance(prompt, dict) and "prompt_token_ids" not in prompt
         tokenized = super()._tokenize_singleton_prompt(prompt, params)  # type: ignore[misc]
-        self._note_cut(tokenized, params)
+        self._note_cut(tokenized, params, from_text)
         return tokenized
 
     async def _tokenize_singleton_prompt_async(self, prompt: Any, params: Any) -> Any:
+        from_text = isinstance(prompt, dict) and "prompt_token_ids" not in prompt
         tokenized = await super()._tokenize_singleton_prompt_async(  # type: ignore[misc]
             prompt, params
         )
-        self._note_cut(tokenized, params)
+        self._note_cut(tokenized, params, from_text)
         return tokenized
 
-    def _note_cut(self, prompt: Any, params: Any) -> None:
-        """A prompt with parts that the request truncates: remember from which side."""
+    def _note_cut(self, prompt: Any, params: Any, from_text: bool) -> None:
+        """A prompt with parts that the request truncates: remember from which side, and the
+        special ids the tokenizer added after cutting (only to a text it tokenized)."""
         if isinstance(prompt, dict) and prompt.get(SPANS_KEY):
-            side = cut_side(params, cast(Any, self).tokenizer)
+            tokenizer = cast(Any, self).tokenizer
+            side = cut_side(params, tokenizer)
             if side is not None:
-                prompt[CUT_KEY] = side
+                edge = added_special_ids(tokenizer, params) if from_text else ()
+                prompt[CUT_KEY] = (side, edge)
 
     def _ready_spans(self, prompt: Any) -> None:
         """The steps between tokenization and the engine input, for every renderer: the rows
         truncation kept (``truncation``), then the soft prompt before them all."""
         prompt = cast(dict[str, Any], prompt)
-        side = prompt.pop(CUT_KEY, None)
-        if side is not None and prompt.get(SPANS_KEY):
+        cut = prompt.pop(CUT_KEY, None)
+        if cut is not None and prompt.get(SPANS_KEY):
             assert self.placeholder_id is not None
+            side, edge = cut
             prompt[SPANS_KEY] = kept_spans(
-                prompt["prompt_token_ids"], prompt[SPANS_KEY], self.placeholder_id, side
+                prompt["prompt_token_ids"], prompt[SPANS_KEY], self.placeholder_id, side, edge
             )
         self._prepend_soft_prompt(prompt)
 

@@ -11,8 +11,10 @@ built-in, which slices its full-length embeddings with the ids) gets them.
 How: each placeholder in the kept ids stands for one row, in order. With ``found`` of the
 ``expected`` rows kept, the kept rows are the last (left cut) or first (right cut) ``found``
 rows of the parts laid end to end; a part the cut ran through must touch the edge of the kept
-ids, where the cut is. ``splice.locate_spans`` then checks one whole run per kept part, as for
-any prompt, so a run cut anywhere else is still refused.
+ids, where the cut is, or stand behind only the special tokens the tokenizer adds itself after
+truncating (a BOS with ``add_special_tokens``: Hugging Face tokenizers truncate the text, then
+add them). ``splice.locate_spans`` then checks one whole run per kept part, as for any prompt,
+so a run cut anywhere else is still refused.
 """
 
 from __future__ import annotations
@@ -44,17 +46,30 @@ def cut_side(params: Any, tokenizer: Any) -> CutSide | None:
     return "left" if side == "left" else "right"
 
 
+def added_special_ids(tokenizer: Any, params: Any) -> tuple[int, ...]:
+    """The ids the tokenizer adds around a text it tokenizes for ``params`` (none without
+    ``add_special_tokens``): all that may stand between a cut part's run and the cut edge."""
+    if tokenizer is None or not getattr(params, "add_special_tokens", False):
+        return ()
+    try:
+        return tuple(int(i) for i in tokenizer.encode("", add_special_tokens=True))
+    except (TypeError, ValueError, AttributeError):
+        return ()
+
+
 def kept_spans(
     ids: Sequence[int],
     spans: Sequence[torch.Tensor],
     placeholder_id: int,
     side: CutSide | None,
+    edge_ids: Sequence[int] = (),
 ) -> list[torch.Tensor]:
     """The parts' rows that the (maybe truncated) ``ids`` keep, one tensor per kept part.
 
     Untruncated (``side`` None) or with every row kept, ``spans`` as they are. Otherwise the
     rows on the kept side; a part cut through keeps a slice of its rows (a view: it has no
-    digest of its own, so the engine hashes those rows by content).
+    digest of its own, so the engine hashes those rows by content). ``edge_ids``: the special
+    ids the tokenizer added after truncating, which may stand at the cut edge.
     """
     spans = list(spans)
     found = int(np.count_nonzero(np.asarray(ids, dtype=np.int64) == placeholder_id))
@@ -78,9 +93,15 @@ def kept_spans(
         need -= count
     if left:
         kept.reverse()
-    if partial:
-        # The run of a part cut through must sit at the edge of the kept ids.
-        edge = ids[0] if left else ids[-1]
-        if edge != placeholder_id:
-            reject(errors.SPANS_CUT, found=found, expected=expected)
+    if partial and not _at_edge(ids, placeholder_id, left, edge_ids):
+        reject(errors.SPANS_CUT, found=found, expected=expected)
     return kept
+
+
+def _at_edge(ids: Sequence[int], placeholder_id: int, left: bool, edge_ids: Sequence[int]) -> bool:
+    """Whether the first (left) or last (right) placeholder has only tokenizer-added special
+    ids, at most as many as it adds, between it and that end of ``ids``."""
+    positions = np.flatnonzero(np.asarray(ids, dtype=np.int64) == placeholder_id)
+    outside = list(ids[: positions[0]]) if left else list(ids[positions[-1] + 1 :])
+    allowed = set(edge_ids)
+    return len(outside) <= len(edge_ids) and all(i in allowed for i in outside)

@@ -132,7 +132,7 @@ def build_big_model(models: Path) -> Path:
     )
 
 
-def server_flags(model: Path, tp: int) -> list[str]:
+def server_flags(model: Path, tp: int, extra: tuple[str, ...] = ()) -> list[str]:
     flags = list(CPU_FLAGS)
     for flag, value in (
         ("--max-model-len", MAX_MODEL_LEN),
@@ -151,16 +151,21 @@ def server_flags(model: Path, tp: int) -> list[str]:
     ]
     if tp > 1:
         flags += ["--tensor-parallel-size", str(tp)]
-    return flags
+    return flags + list(extra)
 
 
 @contextmanager
 def serve(
-    model: Path, tp: int, cache_root: str, impls: tuple[Impl, ...], extra: dict[str, str]
+    model: Path,
+    tp: int,
+    cache_root: str,
+    impls: tuple[Impl, ...],
+    extra: dict[str, str],
+    plugin_args: tuple[str, ...] = (),
 ) -> Iterator[dict[Impl, Server]]:
-    """Start the servers of ``impls`` at once and always stop them all."""
-    command = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", "{port}"]
-    command += server_flags(model, tp)
+    """Start the servers of ``impls`` at once and always stop them all (``plugin_args``:
+    more ``vllm serve`` flags for the plugin's server only)."""
+    base = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", "{port}"]
     env_extra = dict(ONE_CORE_PER_RANK) if tp > 1 else {}
     managers: dict[Impl, AbstractContextManager[Server]] = {
         impl: run_server(
@@ -172,7 +177,7 @@ def serve(
                 cache_root=cache_root,
                 extra={**env_extra, **(extra if impl == "plugin" else {})},
             ),
-            command=command,
+            command=base + server_flags(model, tp, plugin_args if impl == "plugin" else ()),
         )
         for impl in impls
     }
@@ -398,12 +403,18 @@ def shm_bytes() -> int:
 
 
 def memory_phase(
-    model: Path, big: BigChats, cache_root: str, tp: int, total: int, rows: int
+    model: Path,
+    big: BigChats,
+    cache_root: str,
+    tp: int,
+    total: int,
+    rows: int,
+    plugin_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_BYTES)}
     part_bytes = rows * 4096 * 2
     count = max(1, total // part_bytes)
-    with serve(model, tp, cache_root, ("plugin",), extra) as servers:
+    with serve(model, tp, cache_root, ("plugin",), extra, plugin_args) as servers:
         server = servers["plugin"]
         post(server, Body(big.text(32)).render())
         time.sleep(1.5)
@@ -606,6 +617,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help="runs per cell (5; quick 3)")
     parser.add_argument("--memory-mib", type=int, help="memory phase: MiB of uploads (256)")
     parser.add_argument("--tput-requests", type=int, help="throughput: chats per batch (16; 0)")
+    parser.add_argument("--memory-tp", type=int, nargs="+", help="memory phase at (1)")
+    parser.add_argument(
+        "--plugin-args",
+        default="",
+        help="more vllm serve flags for the plugin's servers (--plugin-args=--flag)",
+    )
     parser.add_argument("--models", type=Path, default=MODELS, help="where the model is built")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -615,6 +632,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.memory_mib = 64 if args.memory_mib is None and args.quick else (args.memory_mib or 256)
     if args.tput_requests is None:
         args.tput_requests = 0 if args.quick else 16
+    args.memory_tp = args.memory_tp or [1]
+    args.plugin_args = tuple(args.plugin_args.split())
     if max(args.rows) + 64 > MAX_MODEL_LEN:
         parser.error(f"rows must leave room in --max-model-len {MAX_MODEL_LEN}")
     return args
@@ -639,15 +658,19 @@ def main(argv: list[str] | None = None) -> int:
     with vllm_cache_root() as cache_root:
         for tp in args.tp:
             print(f"\n== TP={tp}: starting plugin and built-in servers", flush=True)
-            with serve(model, tp, cache_root, IMPLS, {}) as servers:
+            with serve(model, tp, cache_root, IMPLS, {}, args.plugin_args) as servers:
                 got, parse[str(tp)] = latency_phase(
                     servers, big, args.rows, args.runs, tp, args.seed
                 )
                 samples += got
                 if args.tput_requests:
                     tput += throughput_phase(servers, big, 2048, 4, args.tput_requests, tp)
-            if args.memory_mib:
-                memory.append(memory_phase(model, big, cache_root, tp, args.memory_mib * MIB, 2048))
+            if args.memory_mib and tp in args.memory_tp:
+                memory.append(
+                    memory_phase(
+                        model, big, cache_root, tp, args.memory_mib * MIB, 2048, args.plugin_args
+                    )
+                )
                 print("  memory:", json.dumps(memory[-1]["growth"]), flush=True)
     rows = summarize(samples)
     print_latency(rows)
@@ -669,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "model": str(model),
             "server_flags": {tp: server_flags(model, tp) for tp in args.tp},
+            "plugin_args": list(args.plugin_args),
             "rows": args.rows,
             "tp": args.tp,
             "runs": args.runs,

@@ -33,7 +33,8 @@ Also measured:
 - ``parse``: the same inline body sent with an unknown model name: vLLM answers 404 once the
   body is read and validated, before anything of ours decodes, so this is the HTTP body read
   plus JSON parse plus request validation on the real server;
-- ``stages``: the pieces of the path timed in this process on the same rows (JSON parse,
+- ``stages``: the pieces of the path timed in this process on the same rows (the HTTP body
+  read and JSON parse in a bare FastAPI app on uvicorn, JSON parse alone,
   base64, our decode with and without the cast, the cast alone, hop 1 as vLLM's msgpack
   encoder over a ZMQ ipc socket, hop 2 as a pickle round trip per worker, the broadcast's
   path for messages over its chunk size);
@@ -462,6 +463,51 @@ def _median_ms(fn: Any, runs: int) -> float:
     return round(1000 * statistics.median(times), 1)
 
 
+def http_stages(body: bytes, runs: int) -> dict[str, float]:
+    """The HTTP body read and ``json.loads`` of ``body`` as FastAPI does them (starlette's
+    ``Request.body``) on uvicorn (httptools, uvloop: what ``vllm serve`` runs), timed in the
+    app, which then answers at once."""
+    import socket
+
+    import uvicorn
+    from starlette.requests import Request
+
+    seen: list[tuple[float, float]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        raw = await Request(scope, receive).body()
+        read = time.perf_counter()
+        json.loads(raw)
+        seen.append((read - started, time.perf_counter() - read))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with requests.Session() as session:
+            for _ in range(runs + 1):  # the first warms up
+                session.post(f"http://127.0.0.1:{port}/body", data=body, timeout=600)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    reads, parses = zip(*seen[1:], strict=True)
+    return {
+        "http_body_read": round(1000 * statistics.median(reads), 1),
+        "json_parse_in_server": round(1000 * statistics.median(parses), 1),
+    }
+
+
 def stages(big: BigChats, n: int, runs: int) -> dict[str, float]:
     """The inline path's pieces, timed here on ``n`` float16 rows (see the module docstring)."""
     import pickle
@@ -487,6 +533,7 @@ def stages(big: BigChats, n: int, runs: int) -> dict[str, float]:
 
     as32 = rows.to(torch.float32)
     out: dict[str, float] = {
+        **http_stages(body, runs),
         "json_parse": _median_ms(lambda: json.loads(body), runs),
         "base64": _median_ms(lambda: pybase64.b64decode(data, validate=True), runs),
         "decode_to_float32": _median_ms(lambda: decode(f32), runs),

@@ -28,6 +28,7 @@ ORDER = (
     "hostile_side_by_side.py",
     "latency_side_by_side.py",
     "multi_turn_references.py",
+    "big_parts.py",
 )
 MAIN_GUARD = 'if __name__ == "__main__":'
 QUICK_FLAG = '"--quick"'

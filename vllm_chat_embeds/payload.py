@@ -116,10 +116,28 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
+# Half-width dtypes rows may keep under a wider model dtype (see ``carried_dtype``).
+_NARROW_DTYPES: Final = (torch.float16, torch.bfloat16)
+
+
+def carried_dtype(payload: torch.dtype, model: torch.dtype) -> torch.dtype:
+    """The dtype a part's rows travel in to the worker.
+
+    The payload's own when it is a half-width float under a wider model dtype (float16 rows
+    for a float32 model): the worker's copy into its input buffer widens them exactly as a
+    cast here would, and every copy before it (the store, each process hop) moves half the
+    bytes. Otherwise the model's: narrowing early halves those copies instead.
+    """
+    if payload in _NARROW_DTYPES and payload.itemsize < model.itemsize:
+        return payload
+    return model
+
+
 def validate_tensor(
     value: object, where: str, spec: PayloadSpec, *, pooled: bool = True
 ) -> torch.Tensor:
-    """Check shape, dtype, size and values; return a contiguous CPU tensor in the model dtype.
+    """Check shape, dtype, size and values; return a contiguous CPU tensor in the dtype its
+    rows travel in (``carried_dtype``: the model's, or the payload's narrower float).
 
     ``pooled=False``: a cast never lands in a reused decode buffer, so the result is either
     ``value`` itself or memory nobody else holds (uploads keep it as is).
@@ -146,9 +164,11 @@ def validate_tensor(
         reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    if tensor.dtype != spec.dtype or not tensor.is_contiguous():
-        out = pooled_empty((rows, width), spec.dtype) if pooled else None
-        tensor = tensor.to(spec.dtype).contiguous() if out is None else out.copy_(tensor)
+    dtype = carried_dtype(tensor.dtype, spec.dtype)
+    if tensor.dtype != dtype or not tensor.is_contiguous():
+        out = pooled_empty((rows, width), dtype) if pooled else None
+        tensor = tensor.to(dtype).contiguous() if out is None else out.copy_(tensor)
+    # Checked in the dtype carried: widening later keeps finite values finite.
     if not _all_finite(tensor):
         reject(errors.NOT_FINITE, where=where)
     return tensor
@@ -339,7 +359,8 @@ def decode_payload(
     dtype: object = None,
     shape: object = None,
 ) -> torch.Tensor:
-    """Turn a part's payload into embeddings: a validated, contiguous tensor in the model dtype.
+    """Turn a part's payload into embeddings: a validated, contiguous tensor in the dtype its
+    rows travel in (``carried_dtype``).
 
     ``data`` is base64 text, or (offline, encoding ``torch``) a ``torch.Tensor`` itself.
     """

@@ -52,6 +52,37 @@ def test_block_digest_text_blocks_have_none_and_rows_matter():
     assert block_digest(torch.zeros(4, WIDTH), index, 0, 4) is not None
 
 
+def test_block_digest_keys_the_rows_dtype():
+    """Rows keep their payload's dtype: float16 and bfloat16 rows of the same bytes differ."""
+    from vllm_chat_embeds.patches.v1_core_kv_cache_utils import spans_block_digest
+
+    index = row_index(MASK)
+    half = ROWS.to(torch.float16)
+    brain = half.view(torch.bfloat16)  # the same bytes read as another dtype
+    assert block_digest(half, index, 0, 4) != block_digest(brain, index, 0, 4)
+    span = [(0, ROWS.shape[0], None)]
+    assert spans_block_digest(half, span, index, 0, 4) != spans_block_digest(
+        brain, span, index, 0, 4
+    )
+
+
+def test_copy_scheduled_rows_widens_float16_rows_as_a_cast_would():
+    """float16 rows stay float16 until the worker's copy into its float32 input buffer."""
+    half = ROWS.to(torch.float16)
+    dst = torch.zeros(8, WIDTH)
+    copy_scheduled_rows(
+        dst,
+        {0: half},
+        num_reqs=1,
+        cu_num_tokens=np.array([8]),
+        num_scheduled=np.array([8]),
+        num_computed=np.array([0]),
+        num_prompt=np.array([len(MASK)]),
+        is_token_ids=np.array([MASK]),
+    )
+    assert torch.equal(dst[~torch.tensor(MASK)], half.float())
+
+
 @pytest.mark.parametrize("schedule", [[8], [3, 5], [1, 1, 1, 1, 1, 1, 1, 1], [2, 6]])
 def test_copy_scheduled_rows_matches_the_dense_copy(schedule):
     """Prefill in chunks: the embedding positions of each chunk receive the right rows."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 
 import pytest
 import torch
@@ -143,18 +144,21 @@ def test_decoded_size(text: str, size: int | None) -> None:
 
 
 def test_casts_of_large_payloads_land_in_pooled_buffers(fresh_pool: BufferPool) -> None:
-    source, _ = payload(6)
+    # float16 rows are cast for a bfloat16 model (under float32 they would stay as sent);
+    # twice the rows, so the 2-byte cast is as large as a pooled float32 payload.
+    source, _ = payload(6, rows=2 * ROWS)
     half = source.to(torch.float16)
     data = base64.b64encode(half.numpy().tobytes()).decode("ascii")
+    spec = replace(SPEC, dtype=torch.bfloat16)
 
     def decode_half() -> torch.Tensor:
         return decode_payload(
-            data, WHERE, SPEC, encoding="raw", dtype="float16", shape=[ROWS, WIDTH]
+            data, WHERE, spec, encoding="raw", dtype="float16", shape=[2 * ROWS, WIDTH]
         )
 
     first = decode_half()
     second = decode_half()
-    assert first.dtype == torch.float32 and torch.equal(first, half.float())
+    assert first.dtype == torch.bfloat16 and torch.equal(first, half.to(torch.bfloat16))
     assert first.data_ptr() != second.data_ptr() and torch.equal(second, first)
     address = first.data_ptr()
     del first

@@ -120,3 +120,20 @@ def test_serialising_leaves_the_request_as_it_was():
     assert take_wire(received) == {"ops": [USE], "drop": []}
     assert received.extra_args == extra
     assert take_wire(received) is None
+
+
+@pytest.mark.parametrize("copy_kept", [False, True])
+def test_a_receiver_under_the_tensor_arena_keeps_copies_not_views(copy_kept: bool) -> None:
+    """Under vLLM's shared-memory arena a worker's rows are views of an arena slot: a kept
+    view would hold the slot for good, so such a receiver keeps a copy."""
+    held, kept = HeldRows(64 * ROW_BYTES), KeptRows(copy_kept=copy_kept)
+    rows = POOL["d3"].clone()
+    spans = [(int(rows.shape[0]), "d3")]
+    sent, wire = outgoing(held, rows, spans) or (None, None)
+    assert wire is not None and wire["ops"] == [KEEP]
+    assert torch.equal(kept.resolve(spans, wire, sent, "r1"), rows)
+    shares = kept._rows["d3"].data_ptr() == sent.data_ptr()
+    assert shares is not copy_kept
+    again, wire = outgoing(held, rows, spans) or (None, None)
+    assert wire is not None and wire["ops"] == [USE]
+    assert torch.equal(kept.resolve(spans, wire, again, "r2"), rows)

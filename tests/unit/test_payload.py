@@ -15,7 +15,7 @@ from payload_spec import MAX_ROWS, WIDTH, make_spec
 from vllm.exceptions import VLLMValidationError
 
 from vllm_chat_embeds import errors
-from vllm_chat_embeds.payload import PayloadSpec, decode_payload, validate_tensor
+from vllm_chat_embeds.payload import PayloadSpec, carried_dtype, decode_payload, validate_tensor
 
 pytestmark = pytest.mark.unit
 
@@ -53,16 +53,37 @@ def rows(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 @pytest.mark.parametrize("src_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("spec_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_round_trip_casts_to_spec_dtype(src_dtype: torch.dtype, spec_dtype: torch.dtype) -> None:
+def test_round_trip_casts_to_the_carried_dtype(
+    src_dtype: torch.dtype, spec_dtype: torch.dtype
+) -> None:
     # Values k/8 - 3 for small k are exact in every dtype involved, so equality is exact.
     source = rows(5, src_dtype)
     out = decode_payload(b64(source), WHERE, make_spec(spec_dtype))
-    assert out.dtype == spec_dtype
+    # Half-width rows under a float32 model stay as sent; anything else becomes the model's.
+    narrow = src_dtype in (torch.float16, torch.bfloat16) and spec_dtype == torch.float32
+    assert out.dtype == (src_dtype if narrow else spec_dtype)
+    assert out.dtype == carried_dtype(src_dtype, spec_dtype)
     assert out.shape == (5, WIDTH)
     assert out.device.type == "cpu"
     assert out.is_contiguous()
     assert out.layout == torch.strided
-    assert torch.equal(out, source.to(spec_dtype))
+    assert torch.equal(out.to(spec_dtype), source.to(spec_dtype))
+
+
+@pytest.mark.parametrize(
+    ("payload", "model", "carried"),
+    [
+        (torch.float16, torch.float32, torch.float16),  # the worker widens them
+        (torch.bfloat16, torch.float32, torch.bfloat16),
+        (torch.float32, torch.float32, torch.float32),
+        (torch.float64, torch.float32, torch.float32),  # wider than the model: cast here
+        (torch.float32, torch.float16, torch.float16),  # narrowing early halves every copy
+        (torch.bfloat16, torch.float16, torch.float16),  # same width: the model's
+        (torch.float16, torch.bfloat16, torch.bfloat16),
+    ],
+)
+def test_carried_dtype(payload: torch.dtype, model: torch.dtype, carried: torch.dtype) -> None:
+    assert carried_dtype(payload, model) == carried
 
 
 def test_round_trip_preserves_arbitrary_float32_values() -> None:

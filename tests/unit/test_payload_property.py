@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from vllm.exceptions import VLLMValidationError
 
 from vllm_chat_embeds import errors
-from vllm_chat_embeds.payload import PayloadSpec, decode_payload
+from vllm_chat_embeds.payload import PayloadSpec, carried_dtype, decode_payload
 
 pytestmark = pytest.mark.unit
 
@@ -63,7 +63,7 @@ def decode_or_refuse(data: object, spec: PayloadSpec) -> torch.Tensor | None:
     assert out.dim() == 2
     assert out.shape[1] == WIDTH
     assert 1 <= out.shape[0] <= MAX_ROWS
-    assert out.dtype == spec.dtype
+    assert out.dtype == carried_dtype(out.dtype, spec.dtype)
     assert out.layout == torch.strided
     assert out.device.type == "cpu"
     assert out.is_contiguous()

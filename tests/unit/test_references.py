@@ -192,6 +192,22 @@ def test_rows_kept_for_another_width_are_unknown() -> None:
     assert errors.REFERENCE_UNKNOWN_CODE in rejected(user(part(uuid="wide")))
 
 
+def test_half_precision_rows_are_kept_at_half_the_bytes() -> None:
+    """float16 rows for a float32 model stay float16 (the worker widens them): so are they
+    kept, and a reference to them resolves."""
+    sent = tensors(user(part(rows(3, 1.5).half(), uuid="h")))[0]
+    assert sent.dtype == torch.float16
+    kept = references.process_store().get("h")
+    assert kept is not None and kept.dtype == torch.float16
+    assert tensors(user(part(uuid="h")))[0] is kept
+
+
+def test_rows_kept_in_a_dtype_this_model_would_cast_are_unknown() -> None:
+    """float64 rows (another LLM in the process) are not rows a float32 model carries."""
+    references.process_store().put("f64", torch.zeros(1, WIDTH, dtype=torch.float64))
+    assert errors.REFERENCE_UNKNOWN_CODE in rejected(user(part(uuid="f64")))
+
+
 def test_referenced_rows_count_towards_the_row_limit() -> None:
     tensors(user(part(rows(40, 1.0), uuid="big")))
     message = rejected(user(part(rows(30, 1.0)), part(uuid="big")))

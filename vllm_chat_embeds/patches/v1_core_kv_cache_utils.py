@@ -50,6 +50,8 @@ def block_digest(rows: torch.Tensor, index: np.ndarray, start: int, end: int) ->
         return None
     block_rows = rows[int(used[0]) : int(used[-1]) + 1].contiguous()
     digest = hashlib.sha256((window >= 0).tobytes())
+    # Rows keep their payload's dtype (float16 and bfloat16 bytes look alike): it is keyed too.
+    digest.update(str(rows.dtype).encode())
     digest.update(block_rows.view(torch.uint8).numpy().tobytes())
     return digest.digest()
 
@@ -70,6 +72,7 @@ def spans_block_digest(
     first, last = int(used[0]), int(used[-1]) + 1
     digest = hashlib.sha256(_SPANS)
     digest.update((window >= 0).tobytes())
+    digest.update(str(rows.dtype).encode())
     for span_first, count, span_digest in spans:
         lo, hi = max(first, span_first), min(last, span_first + count)
         if lo >= hi:

@@ -64,7 +64,12 @@ def copy_scheduled_rows(
         if local.size == 0:
             continue
         first = int(np.count_nonzero(embedded[:start]))
-        dst[torch.from_numpy(out + local)] = rows[first : first + local.size]
+        chunk = rows[first : first + local.size]
+        lo, hi = int(local[0]), int(local[-1]) + 1
+        if hi - lo == local.size:  # one run of rows: a slice copy, which also widens them
+            dst[out + lo : out + hi].copy_(chunk)
+        else:  # rows keep their payload's dtype (float16 under float32); put needs dst's
+            dst[torch.from_numpy(out + local)] = chunk.to(dst.dtype)
 
 
 class _NoTokenPositions:

@@ -4,7 +4,8 @@ What: ``Worker.execute_model`` (the CPU worker inherits it; both model runners s
 first rebuilds the rows of each newly scheduled request that carries a wire, from the rows
 sent and those this worker keeps (``stores/engine_rows.py``; the sender is the
 ``v1_executor_multiproc_executor`` patch), in the order the requests were scheduled. Why and
-when it can go: see ``v1_engine_core_client``.
+when it can go: see ``v1_engine_core_client``. Under vLLM's ``--enable-shm-tensor-arena`` the
+rows arrive as views of the arena's slots, so rows to keep are copied out of them.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from . import Patch, check
 from .v1_executor_multiproc_executor import WIRES_ATTR
 
 
+def uses_tensor_arena(worker: Any) -> bool:
+    """Whether vLLM's shared-memory arena may carry this worker's broadcast (rows received
+    are then views of its slots)."""
+    parallel = getattr(getattr(worker, "vllm_config", None), "parallel_config", None)
+    return bool(getattr(parallel, "enable_shm_tensor_arena", False))
+
+
 def restore_rows(worker: Any, scheduler_output: Any) -> None:
     wires: dict[str, Any] | None = getattr(scheduler_output, WIRES_ATTR, None)
     if not wires:
         return
-    kept = attached(worker, "engine core", KeptRows)
+    kept = attached(worker, "engine core", lambda: KeptRows(copy_kept=uses_tensor_arena(worker)))
     for req in scheduler_output.scheduled_new_reqs:
         wire = wires.get(req.req_id)
         if wire is not None:

@@ -227,7 +227,8 @@ class EmbedsRendererMixin:
             return
         embeds = engine_input["prompt_embeds"]
         n = soft.num_virtual_tokens
-        engine_input["prompt_embeds"] = torch.cat([soft.rows.to(embeds.dtype), embeds])
+        dtype = torch.promote_types(soft.rows.dtype, embeds.dtype)  # never narrows either
+        engine_input["prompt_embeds"] = torch.cat([soft.rows.to(dtype), embeds.to(dtype)])
         ids = engine_input.get("prompt_token_ids")
         if ids is None:
             return

@@ -21,7 +21,7 @@ import torch
 from .. import errors
 from ..errors import reject
 from ..limits import Limits
-from ..payload import PayloadSpec, decode_payload
+from ..payload import PayloadSpec, carried_dtype, decode_payload
 from ..placeholder import PLACEHOLDER_TOKEN
 from ..stores import references
 from ..stores.soft_prompts import named_part_rows
@@ -311,7 +311,11 @@ def _resolve_rows(
         uuid = cast(str, _uuid(parts[i], slot.where))
         tensor = rows[sent[uuid]] if uuid in sent else store.get(uuid)
         # Rows kept for another model in this process (offline) are no rows for this one.
-        if tensor is None or tensor.shape[1] != spec.width or tensor.dtype != spec.dtype:
+        if (
+            tensor is None
+            or tensor.shape[1] != spec.width
+            or tensor.dtype != carried_dtype(tensor.dtype, spec.dtype)
+        ):
             if not store.enabled:
                 reject(errors.REFERENCES_OFF, where=slot.where)
             reject(errors.REFERENCE_UNKNOWN, where=slot.where, uuid=uuid)

@@ -87,9 +87,17 @@ class HeldRows:
 
 @dataclass
 class KeptRows:
-    """A receiver's rows by digest: exactly what its sender's ``HeldRows`` says."""
+    """A receiver's rows by digest: exactly what its sender's ``HeldRows`` says.
+
+    ``copy_kept``: keep a private copy of rows told to keep even when they arrived whole. A
+    worker needs it when vLLM's shared-memory tensor arena carries the broadcast
+    (``--enable-shm-tensor-arena``): the rows received are a view of one of the arena's few
+    slots, which vLLM frees only once no view is left, so a kept view would hold the slot for
+    good (and, all slots held, every later big tensor would be pickled again).
+    """
 
     _rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    copy_kept: bool = False
 
     def resolve(
         self,
@@ -111,7 +119,7 @@ class KeptRows:
                 offset += count
                 if op == KEEP:
                     # A slice would pin every row sent with it; a whole tensor is kept as is.
-                    whole = rows.shape[0] == sent.shape[0]
+                    whole = rows.shape[0] == sent.shape[0] and not self.copy_kept
                     self._rows[str(digest)] = rows if whole else rows.clone()
             pieces.append(rows)
         if offset != sent.shape[0]:

@@ -1,0 +1,783 @@
+"""Big parts (thousands of rows) against the same chat as text, at TP=1 and TP=2 (issue 19).
+
+Why: people who depend on prompt_embeds send their own encoders' output, thousands of rows per
+request, and then the first transfer of the rows is the whole cost: the HTTP body (base64
+inside JSON), decoding, the cast to the model's dtype and a copy per process hop. This script
+measures that cost side by side with vLLM's built-in, and where it goes.
+
+Model: ``.models/wide-4096-cheap`` (``latency_side_by_side.py``'s: 4096 wide, one cheap layer),
+its position limit lifted to ``--max-model-len`` (8448, room for 8192 rows). Servers: the
+plugin and the built-in (``VLLM_PLUGINS=""``), started together, per tensor-parallel size
+(``--tensor-parallel-size 2`` with ``VLLM_CPU_OMP_THREADS_BIND='0|1'``, one core per rank),
+``--no-enable-prefix-caching``, ``--dtype float32``.
+
+A chat: one user message, ``"Repeat:"`` and one part of N rows (the model's own float16
+embedding rows of N one-token words), next to the same chat with those words as text (same
+prompt token for token; greedy replies are compared: ``parity``). Variants per size:
+
+- ``builtin_text`` / ``builtin_inline``: the built-in, the words as text / the part inline
+  (``torch`` encoding, the only one it reads);
+- ``plugin_text`` / ``plugin_inline``: the plugin, as text / the part inline (``raw``,
+  float16);
+- ``plugin_held``: the plugin, the part by ``uuid`` only, its rows sent once before (untimed).
+
+Not here: "ours with ``upload_rows``" (the binary upload route of issue 19 item 2 is built on
+another branch; this script times it once ``vllm_chat_embeds.client.upload_rows`` exists).
+
+Latency: wall time of one non-streaming greedy request, ``max_tokens=1``, body serialised before
+the clock starts; median over ``--runs``; ratio = variant / the same server's text chat. A run
+sends every variant once per server, shuffled, the servers taking turns (``Switch``).
+
+Also measured:
+
+- ``parse``: the same inline body sent with an unknown model name: vLLM answers 404 once the
+  body is read and validated, before anything of ours decodes, so this is the HTTP body read
+  plus JSON parse plus request validation on the real server;
+- ``stages``: the pieces of the path timed in this process on the same rows (the HTTP body
+  read and JSON parse in a bare FastAPI app on uvicorn, JSON parse alone,
+  base64, our decode with and without the cast, the cast alone, hop 1 as vLLM's msgpack
+  encoder over a ZMQ ipc socket, hop 2 as a pickle round trip per worker, the broadcast's
+  path for messages over its chunk size);
+- ``memory``: a plugin server with ``CHAT_EMBEDS_REFERENCE_BYTES=64 MiB`` gets 256 MiB of
+  distinct parts by uuid (2048 rows each); PSS summed over the server's processes before and
+  after, and the machine's used memory (``MemTotal - MemAvailable``, shared memory included).
+
+    .venv/bin/python benchmarks/big_parts.py [--quick] [--runs N] [--tp 1 2] [--rows ...]
+
+Prints tables, writes ``benchmarks/results/big_parts.json`` and ``.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402, F401  (imported first: puts tests/ on sys.path)
+from common import (  # noqa: E402
+    CPU_FLAGS,
+    RESULTS,
+    EmbeddingTable,
+    Server,
+    exit_on_sigterm,
+    results_stem,
+    vllm_cache_root,
+    write_results,
+)
+from conftest import MODELS, VLLM, build_model, run_server, server_env  # noqa: E402
+from latency_side_by_side import (  # noqa: E402
+    LAYER_SHAPES,
+    SERVED_NAME,
+    Body,
+    Chats,
+    Impl,
+    Switch,
+    check_impl,
+    hf_overrides,
+    package_version,
+    post,
+)
+
+from vllm_chat_embeds import client  # noqa: E402
+from vllm_chat_embeds.client import prompt_embeds_part  # noqa: E402
+
+NAME = "big_parts"
+IMPLS: tuple[Impl, ...] = ("plugin", "builtin")
+VARIANTS: dict[str, tuple[Impl, str]] = {
+    "builtin_text": ("builtin", "text"),
+    "builtin_inline": ("builtin", "inline"),
+    "plugin_text": ("plugin", "text"),
+    "plugin_inline": ("plugin", "inline"),
+    "plugin_held": ("plugin", "held"),
+}
+# Issue 19 item 2 (built on another branch): timed once the client helper exists.
+UPLOAD_ROWS = getattr(client, "upload_rows", None)
+if UPLOAD_ROWS is not None:
+    VARIANTS["plugin_upload"] = ("plugin", "upload")
+MAX_MODEL_LEN = 8448  # 8192 rows, the prompt and the template
+KV_CACHE_BYTES = 512 << 20
+LEAD = "Repeat:"
+MIB = 1 << 20
+REFERENCE_BYTES = 64 * MIB  # the memory phase's CHAT_EMBEDS_REFERENCE_BYTES
+ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+TARGETS = {1: 1.25, 2: 1.30}  # inline at 8192 rows, x the text chat (issue 19)
+
+
+def build_big_model(models: Path, tp: int = 1) -> Path:
+    """The 4096-wide cheap model (``latency_side_by_side``'s), built once under ``models``.
+
+    Its one attention head cannot be split over ranks, so TP > 1 gets the same model with
+    ``tp`` heads (and KV heads) of 128: as wide, and still nearly free to run.
+    """
+    if tp == 1:
+        name, shape = "wide-4096-cheap", list(LAYER_SHAPES["cheap"])
+    else:
+        name = f"wide-4096-cheap-{tp}h"
+        shape = ["--heads", str(tp), "--kv-heads", str(tp), "--head-dim", "128"]
+        shape += ["--intermediate", "256"]
+    return build_model(
+        "build_test_model.py", models / name, "--hidden", "4096", "--layers", "1", *shape
+    )
+
+
+def server_flags(model: Path, tp: int, extra: tuple[str, ...] = ()) -> list[str]:
+    flags = list(CPU_FLAGS)
+    for flag, value in (
+        ("--max-model-len", MAX_MODEL_LEN),
+        ("--kv-cache-memory-bytes", KV_CACHE_BYTES),
+    ):
+        flags[flags.index(flag) + 1] = str(value)
+    overrides = hf_overrides(model)
+    overrides["max_position_embeddings"] = MAX_MODEL_LEN
+    flags += [
+        "--enable-prompt-embeds",
+        "--served-model-name",
+        SERVED_NAME,
+        "--no-enable-prefix-caching",
+        "--hf-overrides",
+        json.dumps(overrides),
+    ]
+    if tp > 1:
+        flags += ["--tensor-parallel-size", str(tp)]
+    return flags + list(extra)
+
+
+@contextmanager
+def serve(
+    model: Path,
+    tp: int,
+    cache_root: str,
+    impls: tuple[Impl, ...],
+    extra: dict[str, str],
+    plugin_args: tuple[str, ...] = (),
+) -> Iterator[dict[Impl, Server]]:
+    """Start the servers of ``impls`` at once and always stop them all (``plugin_args``:
+    more ``vllm serve`` flags for the plugin's server only)."""
+    base = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", "{port}"]
+    env_extra = dict(ONE_CORE_PER_RANK) if tp > 1 else {}
+    managers: dict[Impl, AbstractContextManager[Server]] = {
+        impl: run_server(
+            model,
+            env=server_env(
+                trap=False,
+                plugins=impl == "plugin",
+                mp=True,
+                cache_root=cache_root,
+                extra={**env_extra, **(extra if impl == "plugin" else {})},
+            ),
+            command=base + server_flags(model, tp, plugin_args if impl == "plugin" else ()),
+        )
+        for impl in impls
+    }
+    with ExitStack() as stack:
+        pool = ThreadPoolExecutor(len(managers))
+        futures = {impl: pool.submit(cm.__enter__) for impl, cm in managers.items()}
+        try:
+            wait(futures.values())
+        finally:
+            pool.shutdown(wait=True)
+            for impl, future in futures.items():
+                if future.exception() is None:
+                    stack.push(managers[impl].__exit__)
+        servers = {impl: future.result() for impl, future in futures.items()}
+        for impl, server in servers.items():
+            check_impl(impl, server)
+        yield servers
+
+
+# -- chats -------------------------------------------------------------------------------------
+
+
+class BigChats:
+    """``"Repeat:"`` and N words, as text or as one float16 part of their embedding rows."""
+
+    def __init__(self, chats: Chats) -> None:
+        self.chats = chats
+
+    def rows(self, n: int, salt: int = 0) -> torch.Tensor:
+        words = self.chats.words(n)
+        table = self.chats.table.weight
+        rows = table[[self.chats.ids[w] for w in words]].to(torch.float16)
+        if salt:  # distinct rows of the same shape (the memory phase)
+            rows[0, 0] += salt
+        return rows
+
+    def text(self, n: int) -> list[dict[str, Any]]:
+        words = self.chats.words(n)
+        return [{"type": "text", "text": LEAD + "".join(" " + w for w in words)}]
+
+    def with_part(self, part: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"type": "text", "text": LEAD}, part]
+
+
+def big_chats(model: Path, seed: int) -> BigChats:
+    chats = Chats(EmbeddingTable(model), seed)
+    chats.table.tokenizer.model_max_length = MAX_MODEL_LEN
+    return BigChats(chats)
+
+
+def bodies_for(big: BigChats, n: int, held_uuid: str) -> dict[str, Body]:
+    rows = big.rows(n)
+    held = {"type": "prompt_embeds", "uuid": held_uuid}
+    return {
+        "builtin_text": Body(big.text(n)),
+        "builtin_inline": Body(big.with_part(prompt_embeds_part(rows, encoding="torch"))),
+        "plugin_text": Body(big.text(n)),
+        "plugin_inline": Body(big.with_part(prompt_embeds_part(rows, encoding="raw"))),
+        "plugin_held": Body(big.with_part(held)),
+    }
+
+
+def hold(server: Server, big: BigChats, n: int, held_uuid: str) -> None:
+    """Send the part once with data under ``held_uuid`` (untimed), so later chats refer to it."""
+    part = {**prompt_embeds_part(big.rows(n), encoding="raw"), "uuid": held_uuid}
+    reply = post(server, Body(big.with_part(part)).render())
+    if reply.status != 200:
+        raise RuntimeError(f"holding {n} rows failed: {reply.status} {reply.error}")
+
+
+def upload_and_chat(server: Server, big: BigChats, n: int, session: requests.Session) -> Any:
+    """``upload_rows`` and then the chat by its uuid, timed together."""
+    rows = big.rows(n)
+    started = time.perf_counter()
+    part = UPLOAD_ROWS(server.base_url + "/v1", rows)  # type: ignore[misc]
+    reply = post(server, Body(big.with_part(part)).render(), session)
+    reply.seconds = time.perf_counter() - started
+    return reply
+
+
+def parse_ms(server: Server, body: Body, runs: int) -> float:
+    """Median time for the server to read, parse and validate ``body`` (404: unknown model)."""
+    data = body.render().replace(f'"model": "{SERVED_NAME}"', '"model": "no-such-model"', 1)
+    times = []
+    with requests.Session() as session:
+        for _ in range(runs):
+            started = time.perf_counter()
+            response = session.post(
+                server.base_url + "/v1/chat/completions",
+                data=data,
+                headers={"Content-Type": "application/json"},
+                timeout=600,
+            )
+            times.append(time.perf_counter() - started)
+            if response.status_code != 404:
+                raise RuntimeError(f"expected 404 for an unknown model: {response.status_code}")
+    return round(1000 * statistics.median(times), 1)
+
+
+def latency_phase(
+    servers: dict[Impl, Server], big: BigChats, sizes: list[int], runs: int, tp: int, seed: int
+) -> tuple[list[dict[str, Any]], dict[int, dict[str, float]]]:
+    switch = Switch(servers, big.chats)
+    sessions = {impl: requests.Session() for impl in IMPLS}
+    held = {n: f"big-{n}-{uuid.uuid4().hex}" for n in sizes}
+    plan = {n: bodies_for(big, n, held[n]) for n in sizes}
+    switch.to("plugin")
+    for n in sizes:
+        hold(servers["plugin"], big, n, held[n])
+    for impl in IMPLS:  # first requests of a shape pay one-off costs
+        switch.to(impl)
+        for n in sizes:
+            for name, body in plan[n].items():
+                if VARIANTS[name][0] == impl:
+                    post(servers[impl], body.render(), sessions[impl])
+    rng = random.Random(seed)
+    samples: list[dict[str, Any]] = []
+    block = 0
+    for run in range(runs):
+        for n in sizes:
+            order = IMPLS if block % 2 == 0 else IMPLS[::-1]
+            block += 1
+            for impl in order:
+                switch.to(impl)
+                names = [name for name in VARIANTS if VARIANTS[name][0] == impl]
+                rng.shuffle(names)
+                for name in names:
+                    if name == "plugin_upload":
+                        reply = upload_and_chat(servers[impl], big, n, sessions[impl])
+                    else:
+                        reply = post(servers[impl], plan[n][name].render(), sessions[impl])
+                    samples.append(
+                        {
+                            "tp": tp, "rows": n, "variant": name, "run": run,
+                            "seconds": reply.seconds, "status": reply.status,
+                            "prompt_tokens": reply.prompt_tokens, "reply": reply.text,
+                            "error": reply.error,
+                        }
+                    )  # fmt: skip
+                    if reply.status != 200:
+                        print(f"  ! tp={tp} {n} {name}: {reply.status} {reply.error}")
+            print(f"  tp={tp} run {run + 1}/{runs} rows={n}", flush=True)
+    parse: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        parse[n] = {}
+        for impl in IMPLS:
+            switch.to(impl)
+            parse[n][impl] = parse_ms(servers[impl], plan[n][f"{impl}_inline"], max(3, runs))
+    return samples, parse
+
+
+def throughput_phase(
+    servers: dict[Impl, Server], big: BigChats, n: int, clients: int, count: int, tp: int
+) -> list[dict[str, Any]]:
+    """``count`` chats per variant from ``clients`` clients at once (max_tokens=4)."""
+    switch = Switch(servers, big.chats)
+    out = []
+    for rnd in range(2):
+        for impl in IMPLS if rnd == 0 else IMPLS[::-1]:
+            for kind in ("text", "inline") if rnd == 0 else ("inline", "text"):
+                name = f"{impl}_{kind}"
+                body = bodies_for(big, n, "unused")[name]
+                head = body.head.replace('"max_tokens": 1', '"max_tokens": 4', 1)
+                datas = [head + uuid.uuid4().hex + '"}' for _ in range(count)]
+                switch.to(impl)
+                started = time.perf_counter()
+                with ThreadPoolExecutor(clients) as pool:
+                    replies = list(pool.map(lambda d, s=servers[impl]: post(s, d), datas))
+                wall = time.perf_counter() - started
+                failed = sum(r.status != 200 for r in replies)
+                out.append(
+                    {"tp": tp, "rows": n, "variant": name, "round": rnd, "clients": clients,
+                     "requests": count, "failed": failed, "req_per_s": round(count / wall, 3)}
+                )  # fmt: skip
+                print(f"  throughput tp={tp} {name}: {count / wall:.2f} req/s", flush=True)
+    return out
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def session_pids(leader: int) -> list[int]:
+    """Every process in the server's session (``run_server`` starts it in a new session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == leader:  # field 6 (session id), after pid and comm
+            pids.append(int(entry.name))
+    return pids
+
+
+def pss_bytes(leader: int) -> int:
+    total = 0
+    for pid in session_pids(leader):
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def machine_used_bytes() -> int:
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, value = line.split(":", 1)
+        info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"] - info["MemAvailable"]
+
+
+def shm_bytes() -> int:
+    """Bytes in /dev/shm, vLLM's own broadcast buffers and semaphores left out."""
+    total = 0
+    for entry in Path("/dev/shm").iterdir():
+        if entry.name.startswith("sem.") or entry.name.startswith("vllm_dist_"):
+            continue
+        try:
+            total += entry.stat().st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def memory_phase(
+    model: Path,
+    big: BigChats,
+    cache_root: str,
+    tp: int,
+    total: int,
+    rows: int,
+    plugin_args: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_BYTES)}
+    part_bytes = rows * 4096 * 2
+    count = max(1, total // part_bytes)
+    with serve(model, tp, cache_root, ("plugin",), extra, plugin_args) as servers:
+        server = servers["plugin"]
+        post(server, Body(big.text(32)).render())
+        time.sleep(1.5)
+        before = {
+            "pss": pss_bytes(server.proc.pid),
+            "used": machine_used_bytes(),
+            "shm": shm_bytes(),
+        }
+        for i in range(count):
+            part = {**prompt_embeds_part(big.rows(rows, salt=i + 1), encoding="raw")}
+            part["uuid"] = f"mem-{i}-{uuid.uuid4().hex}"
+            reply = post(server, Body(big.with_part(part)).render())
+            if reply.status != 200:
+                raise RuntimeError(f"memory phase: {reply.status} {reply.error}")
+        time.sleep(1.5)
+        after = {
+            "pss": pss_bytes(server.proc.pid),
+            "used": machine_used_bytes(),
+            "shm": shm_bytes(),
+        }
+    growth = {k: after[k] - before[k] for k in before}
+    return {
+        "tp": tp,
+        "reference_bytes": REFERENCE_BYTES,
+        "parts": count,
+        "rows_per_part": rows,
+        "sent_bytes_float16": count * part_bytes,
+        "before": before,
+        "after": after,
+        "growth": growth,
+        "pss_growth_x_bound": round(growth["pss"] / REFERENCE_BYTES, 2),
+        "used_growth_x_bound": round(growth["used"] / REFERENCE_BYTES, 2),
+    }
+
+
+# -- stages (in this process) ------------------------------------------------------------------
+
+
+def _median_ms(fn: Any, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return round(1000 * statistics.median(times), 1)
+
+
+def http_stages(body: bytes, runs: int) -> dict[str, float]:
+    """The HTTP body read and ``json.loads`` of ``body`` as FastAPI does them (starlette's
+    ``Request.body``) on uvicorn (httptools, uvloop: what ``vllm serve`` runs), timed in the
+    app, which then answers at once."""
+    import socket
+
+    import uvicorn
+    from starlette.requests import Request
+
+    seen: list[tuple[float, float]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        raw = await Request(scope, receive).body()
+        read = time.perf_counter()
+        json.loads(raw)
+        seen.append((read - started, time.perf_counter() - read))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        with requests.Session() as session:
+            for _ in range(runs + 1):  # the first warms up
+                session.post(f"http://127.0.0.1:{port}/body", data=body, timeout=600)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    reads, parses = zip(*seen[1:], strict=True)
+    return {
+        "http_body_read": round(1000 * statistics.median(reads), 1),
+        "json_parse_in_server": round(1000 * statistics.median(parses), 1),
+    }
+
+
+def stages(big: BigChats, n: int, runs: int) -> dict[str, float]:
+    """The inline path's pieces, timed here on ``n`` float16 rows (see the module docstring)."""
+    import pickle
+
+    import pybase64
+    import zmq
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from vllm_chat_embeds.payload import PayloadSpec, _all_finite, decode_payload
+
+    rows = big.rows(n)
+    part = prompt_embeds_part(rows, encoding="raw")
+    body = Body(big.with_part(part)).render().encode()
+    data = part["data"]
+    f32 = PayloadSpec(width=4096, dtype=torch.float32, max_part_bytes=1 << 31, max_rows=1 << 20,
+                      rows_limit=1 << 20)  # fmt: skip
+    f16 = PayloadSpec(width=4096, dtype=torch.float16, max_part_bytes=1 << 31, max_rows=1 << 20,
+                      rows_limit=1 << 20)  # fmt: skip
+
+    def decode(spec: PayloadSpec) -> torch.Tensor:
+        return decode_payload(data, "p", spec, encoding="raw", dtype="float16",
+                              shape=[n, 4096])  # fmt: skip
+
+    as32 = rows.to(torch.float32)
+    out: dict[str, float] = {
+        **http_stages(body, runs),
+        "json_parse": _median_ms(lambda: json.loads(body), runs),
+        "base64": _median_ms(lambda: pybase64.b64decode(data, validate=True), runs),
+        "decode_to_float32": _median_ms(lambda: decode(f32), runs),
+        "decode_keep_float16": _median_ms(lambda: decode(f16), runs),
+        "cast_float16_to_float32": _median_ms(lambda: rows.to(torch.float32), runs),
+        "finite_check_float16": _median_ms(lambda: _all_finite(rows), runs),
+    }
+    context = zmq.Context()
+    push, pull = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+    address = f"ipc:///tmp/vce-bench-{uuid.uuid4().hex}"
+    pull.bind(address)
+    push.connect(address)
+    encoder, decoder = MsgpackEncoder(), MsgpackDecoder(torch.Tensor)
+
+    def hop1(tensor: torch.Tensor) -> None:
+        got: list[Any] = []
+        reader = threading.Thread(target=lambda: got.append(pull.recv_multipart(copy=False)))
+        reader.start()
+        push.send_multipart(encoder.encode(tensor), copy=False)
+        reader.join()
+        decoder.decode(got[0])
+
+    def hop2(tensor: torch.Tensor) -> None:
+        pickle.loads(pickle.dumps(tensor, protocol=pickle.HIGHEST_PROTOCOL))
+
+    try:
+        out["hop1_zmq_float32"] = _median_ms(lambda: hop1(as32), runs)
+        out["hop1_zmq_float16"] = _median_ms(lambda: hop1(rows), runs)
+        out["hop2_pickle_per_worker_float32"] = _median_ms(lambda: hop2(as32), runs)
+        out["hop2_pickle_per_worker_float16"] = _median_ms(lambda: hop2(rows), runs)
+    finally:
+        push.close(linger=0)
+        pull.close(linger=0)
+        context.term()
+        Path(address.removeprefix("ipc://")).unlink(missing_ok=True)
+    out["rows"] = n
+    out["body_mb"] = round(len(body) / 1e6, 1)
+    return out
+
+
+# -- summary -----------------------------------------------------------------------------------
+
+
+def summarize(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    keys = sorted({(s["tp"], s["rows"]) for s in samples})
+    for tp, n in keys:
+        cell = [s for s in samples if s["tp"] == tp and s["rows"] == n and s["status"] == 200]
+        med = {
+            name: statistics.median([s["seconds"] for s in cell if s["variant"] == name])
+            for name in VARIANTS
+            if any(s["variant"] == name for s in cell)
+        }
+        texts = {impl: med.get(f"{impl}_text") for impl in IMPLS}
+        row: dict[str, Any] = {"tp": tp, "rows": n}
+        for name, seconds in med.items():
+            impl = VARIANTS[name][0]
+            text = texts[impl]
+            replies = {s["reply"] for s in cell if s["variant"] in (name, f"{impl}_text")}
+            row[name] = {
+                "median_ms": round(1000 * seconds, 1),
+                "x_text": round(seconds / text, 2) if text else None,
+                "added_ms": round(1000 * (seconds - text), 1) if text else None,
+                "parity": len(replies) == 1,
+            }
+        out.append(row)
+    return out
+
+
+def print_latency(rows: list[dict[str, Any]]) -> None:
+    names = list(VARIANTS)
+    print("\n" + f"{'tp':>3} {'rows':>5} " + " ".join(f"{n:>22}" for n in names))
+    for row in rows:
+        cells = []
+        for name in names:
+            v = row.get(name)
+            cells.append(
+                f"{'-':>22}"
+                if v is None
+                else f"{v['median_ms']:>9.0f}ms {v['x_text']:>5.2f}x"
+                f"{'' if v['parity'] else ' !par':>6}"
+            )
+        print(f"{row['tp']:>3} {row['rows']:>5} " + " ".join(cells))
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tps = sorted({r["tp"] for r in rows})
+    fig, axes = plt.subplots(1, len(tps), figsize=(6 * len(tps), 4.2), squeeze=False)
+    shown = [n for n in ("builtin_inline", "plugin_inline", "plugin_upload", "plugin_held")
+             if n in VARIANTS]  # fmt: skip
+    for ax, tp in zip(axes[0], tps, strict=True):
+        cells = [r for r in rows if r["tp"] == tp]
+        width = 0.8 / len(shown)
+        for i, name in enumerate(shown):
+            xs = [j + i * width for j in range(len(cells))]
+            ys = [(r.get(name) or {}).get("x_text") or 0 for r in cells]
+            ax.bar(xs, ys, width, label=name.replace("builtin", "built-in"))
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        if tp in TARGETS:
+            ax.axhline(TARGETS[tp], color="red", linestyle="--", linewidth=0.8,
+                       label=f"target at 8192 rows ({TARGETS[tp]}x)")  # fmt: skip
+        ax.set_xticks([j + width for j in range(len(cells))])
+        ax.set_xticklabels([str(r["rows"]) for r in cells])
+        ax.set_xlabel("rows in the part (float16, 4096 wide)")
+        ax.set_ylabel("latency / same chat as text")
+        ax.set_title(f"TP={tp}")
+        ax.legend(fontsize=7)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1024 and 4096 rows, TP=1, 3 runs")
+    parser.add_argument("--rows", type=int, nargs="+", help="rows per part (1024 4096 8192)")
+    parser.add_argument("--tp", type=int, nargs="+", help="tensor-parallel sizes (1 2)")
+    parser.add_argument("--runs", type=int, help="runs per cell (5; quick 3)")
+    parser.add_argument("--memory-mib", type=int, help="memory phase: MiB of uploads (256)")
+    parser.add_argument("--tput-requests", type=int, help="throughput: chats per batch (16; 0)")
+    parser.add_argument("--memory-tp", type=int, nargs="+", help="memory phase at (1)")
+    parser.add_argument(
+        "--plugin-args",
+        default="",
+        help="more vllm serve flags for the plugin's servers (--plugin-args=--flag)",
+    )
+    parser.add_argument("--models", type=Path, default=MODELS, help="where the model is built")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.rows = args.rows or ([1024, 4096] if args.quick else [1024, 4096, 8192])
+    args.tp = args.tp or ([1] if args.quick else [1, 2])
+    args.runs = args.runs or (3 if args.quick else 5)
+    args.memory_mib = 64 if args.memory_mib is None and args.quick else (args.memory_mib or 256)
+    if args.tput_requests is None:
+        args.tput_requests = 0 if args.quick else 16
+    args.memory_tp = args.memory_tp or [1]
+    args.plugin_args = tuple(args.plugin_args.split())
+    if max(args.rows) + 64 > MAX_MODEL_LEN:
+        parser.error(f"rows must leave room in --max-model-len {MAX_MODEL_LEN}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    exit_on_sigterm()
+    started = time.monotonic()
+    load_before = os.getloadavg()
+    model = build_big_model(args.models)
+    models = {tp: build_big_model(args.models, tp) for tp in args.tp}
+    big = big_chats(model, args.seed)
+    samples: list[dict[str, Any]] = []
+    parse: dict[str, Any] = {}
+    tput: list[dict[str, Any]] = []
+    memory: list[dict[str, Any]] = []
+    stage = stages(big, max(args.rows), max(3, args.runs))
+    print("stages (ms, this process):", json.dumps(stage), flush=True)
+    with vllm_cache_root() as cache_root:
+        for tp in args.tp:
+            print(f"\n== TP={tp}: starting plugin and built-in servers", flush=True)
+            big = big_chats(models[tp], args.seed)  # rows of the model served
+            with serve(models[tp], tp, cache_root, IMPLS, {}, args.plugin_args) as servers:
+                got, parse[str(tp)] = latency_phase(
+                    servers, big, args.rows, args.runs, tp, args.seed
+                )
+                samples += got
+                if args.tput_requests:
+                    tput += throughput_phase(servers, big, 2048, 4, args.tput_requests, tp)
+            if args.memory_mib and tp in args.memory_tp:
+                memory.append(
+                    memory_phase(
+                        models[tp], big, cache_root, tp, args.memory_mib * MIB, 2048,
+                        args.plugin_args,
+                    )
+                )  # fmt: skip
+                print("  memory:", json.dumps(memory[-1]["growth"]), flush=True)
+            partial = {"samples": samples, "parse_ms": parse, "memory": memory, "stages_ms": stage}
+            write_results(f"{NAME}.partial", partial)  # a later phase may fail
+    rows = summarize(samples)
+    print_latency(rows)
+    print("\nparse (ms, 404 after the body is read and validated):", json.dumps(parse))
+    for m in memory:
+        print(
+            f"memory TP={m['tp']}: {m['parts']} parts by uuid ({m['sent_bytes_float16'] >> 20} "
+            f"MiB float16), bound {m['reference_bytes'] >> 20} MiB: PSS +"
+            f"{m['growth']['pss'] >> 20} MiB ({m['pss_growth_x_bound']}x), machine used +"
+            f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x), /dev/shm +"
+            f"{m['growth']['shm'] >> 20} MiB"
+        )
+    elapsed = round(time.monotonic() - started, 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    png = RESULTS / f"{results_stem(NAME)}.png"
+    plot(rows, png, f"{args.rows} float16 rows, {model.name}: medians of {args.runs} runs")
+    failed = sum(s["status"] != 200 for s in samples)
+    data = {
+        "meta": {
+            "models": {tp: str(path) for tp, path in models.items()},
+            "server_flags": {tp: server_flags(models[tp], tp) for tp in args.tp},
+            "plugin_args": list(args.plugin_args),
+            "rows": args.rows,
+            "tp": args.tp,
+            "runs": args.runs,
+            "upload_rows": "measured (plugin_upload)"
+            if UPLOAD_ROWS is not None
+            else "not measured: vllm_chat_embeds.client.upload_rows is not on this branch "
+            "(issue 19 item 2 is built elsewhere)",
+            "elapsed_s": elapsed,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "vllm": package_version("vllm"),
+            "failed_requests": failed,
+        },
+        "latency": rows,
+        "parse_ms": parse,
+        "stages_ms": stage,
+        "throughput": tput,
+        "memory": memory,
+        "samples": samples,
+    }
+    path = write_results(NAME, data)
+    print(f"\nwrote {path} and {png} in {elapsed:.0f}s (load average {load_before[0]:.1f})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

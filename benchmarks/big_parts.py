@@ -60,8 +60,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ from common import (  # noqa: E402
     Server,
     exit_on_sigterm,
     results_stem,
+    started_together,
     vllm_cache_root,
     write_results,
 )
@@ -186,17 +187,7 @@ def serve(
         )
         for impl in impls
     }
-    with ExitStack() as stack:
-        pool = ThreadPoolExecutor(len(managers))
-        futures = {impl: pool.submit(cm.__enter__) for impl, cm in managers.items()}
-        try:
-            wait(futures.values())
-        finally:
-            pool.shutdown(wait=True)
-            for impl, future in futures.items():
-                if future.exception() is None:
-                    stack.push(managers[impl].__exit__)
-        servers = {impl: future.result() for impl, future in futures.items()}
+    with started_together(managers) as servers:
         for impl, server in servers.items():
             check_impl(impl, server)
         yield servers

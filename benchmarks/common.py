@@ -78,6 +78,27 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+@contextmanager
+def started_together(managers: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Enter every server context manager of ``managers`` at once (start-ups overlap) and
+    yield their servers by name; all are torn down on exit, even if a start-up fails."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with ExitStack() as stack:
+        pool = ThreadPoolExecutor(len(managers))
+        futures = {name: pool.submit(cm.__enter__) for name, cm in managers.items()}
+        try:
+            wait(futures.values())
+        finally:
+            # Even when interrupted: wait for start-ups in flight, then register every server
+            # that came up, so the ExitStack tears it down.
+            pool.shutdown(wait=True)
+            for name, future in futures.items():
+                if future.exception() is None:
+                    stack.push(managers[name].__exit__)
+        yield {name: future.result() for name, future in futures.items()}
+
+
 class ManagedServer:
     """A ``vllm serve`` of one flavour that can be restarted; always torn down on exit.
 

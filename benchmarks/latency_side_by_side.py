@@ -63,8 +63,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -82,6 +82,7 @@ from common import (  # noqa: E402
     Server,
     exit_on_sigterm,
     results_stem,
+    started_together,
     vllm_cache_root,
     write_results,
 )
@@ -267,19 +268,7 @@ def serve_both(
         )
         for impl in IMPLS
     }
-    with ExitStack() as stack:
-        pool = ThreadPoolExecutor(len(managers))
-        futures = {impl: pool.submit(cm.__enter__) for impl, cm in managers.items()}
-        try:
-            wait(futures.values())
-        finally:
-            # Even when interrupted: wait for start-ups in flight, then register every server
-            # that came up, so the ExitStack tears it down.
-            pool.shutdown(wait=True)
-            for impl, future in futures.items():
-                if future.exception() is None:
-                    stack.push(managers[impl].__exit__)
-        servers = {impl: future.result() for impl, future in futures.items()}
+    with started_together(managers) as servers:
         for impl, server in servers.items():
             check_impl(impl, server)
         yield servers

@@ -124,7 +124,7 @@ def test_float16_uploads_answer_as_the_same_rows_inline(plugin_server, table) ->
     rows = table.rows(TAIL).to(torch.float16)
     response = upload_raw(plugin_server, rows)
     assert response.status_code == 200, response.text
-    assert response.json()["dtype"] == "float32"  # kept in the model dtype, as inline rows
+    assert response.json()["dtype"] == "float16"  # kept in the dtype it travels in, as inline
     inline = helpers.prompt_embeds_part(rows.numpy())
     messages = [{"role": "user", "content": [HEAD, inline]}]
     by_id = [{"role": "user", "content": [HEAD, response.json()["part"]]}]

@@ -231,12 +231,13 @@ def keep(
     rows: torch.Tensor, spec: PayloadSpec, where: str, *, filename: str, purpose: str, size: int
 ) -> tuple[Upload, torch.Tensor]:
     """Validate received rows as a part's and keep them under a fresh id (blocking work: the
-    NaN/Inf scan, a cast to the model dtype, the content digest; run it off the event loop)."""
+    NaN/Inf scan, a cast to the dtype rows travel in, the content digest; run it off the event
+    loop)."""
     validated = validate_tensor(rows, where, spec, pooled=False)
     del rows  # a cast leaves the received buffer unused: free it before keeping the rows
     store = references.process_store()
     nbytes = validated.numel() * validated.element_size()
-    if nbytes > store.capacity:  # larger in the model dtype than as sent
+    if nbytes > store.capacity:  # larger in the dtype carried than as sent
         reject(errors.UPLOAD_OVER_STORE, where=where, size=nbytes, limit=store.capacity)
     upload = Upload(new_upload_id(), filename, purpose, size, int(time.time()))
     kept = store.put(upload.id, validated, owned=True)

@@ -82,6 +82,9 @@ def register() -> None:
     take_over(RENDERER_REGISTRY.renderers)
     for mode, (module, class_name) in RENDERERS.items():
         RENDERER_REGISTRY.renderers[mode] = (f"{__name__}.{module}", class_name)
+    from .transport.shared_rows import sweep_at_exit
+
+    sweep_at_exit()  # shared rows of processes vLLM kills at shutdown
     _registered = True
     announce()
 

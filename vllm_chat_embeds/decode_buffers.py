@@ -19,6 +19,7 @@ import pybase64
 import torch
 
 from .limits import Limits
+from .transport import shared_rows
 
 # Up to this size glibc's malloc recycles freed memory by itself (its dynamic mmap threshold
 # stops at 32 MiB on 64-bit hosts), and does it faster than a chunked decode into a pool.
@@ -110,15 +111,18 @@ def decoded_size(data: str) -> int | None:
 
 
 def decode_into_pool(data: str, nbytes: int) -> memoryview | None:
-    """Decode ASCII base64 ``data`` of decoded length ``nbytes`` into a pooled buffer.
+    """Decode ASCII base64 ``data`` of decoded length ``nbytes`` into a buffer of its own:
+    a new shared-memory segment (rows that cross processes as a handle), else a pooled one.
 
-    Returns None when pooling does not apply (small payload, pool disabled or full); raises
+    Returns None when neither applies (small payload, pool disabled or full); raises
     what ``pybase64`` raises on bad input. A short result (padding inside the text) is
     returned short, for the caller's length check.
     """
-    if nbytes <= POOL_ABOVE_BYTES or nbytes > pool().capacity:
-        return None
-    view = pool().lend(nbytes)
+    view = shared_rows.process_rows().allocate(nbytes)  # crosses processes as a handle
+    if view is None:
+        if nbytes <= POOL_ABOVE_BYTES or nbytes > pool().capacity:
+            return None
+        view = pool().lend(nbytes)
     filled = 0
     for start in range(0, len(data), _CHUNK_CHARS):
         piece = pybase64.b64decode(data[start : start + _CHUNK_CHARS], validate=True)
@@ -131,7 +135,11 @@ def decode_into_pool(data: str, nbytes: int) -> memoryview | None:
 
 
 def pooled_empty(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
-    """An uninitialised tensor over a pooled buffer, for large casts; None if not pooled."""
+    """An uninitialised tensor for large casts: in shared memory, else over a pooled buffer;
+    None if neither applies."""
+    shared = shared_rows.empty(shape, dtype)
+    if shared is not None:
+        return shared
     nbytes = shape[0] * shape[1] * dtype.itemsize
     if nbytes <= POOL_ABOVE_BYTES or nbytes > pool().capacity:
         return None

@@ -19,6 +19,9 @@ ENV_ENCODINGS: Final = "CHAT_EMBEDS_ENCODINGS"
 ENV_COMPACT: Final = "CHAT_EMBEDS_COMPACT"
 ENV_DECODE_POOL_BYTES: Final = "CHAT_EMBEDS_DECODE_POOL_BYTES"
 ENV_REFERENCE_BYTES: Final = "CHAT_EMBEDS_REFERENCE_BYTES"
+ENV_SHM_BYTES: Final = "CHAT_EMBEDS_SHM_BYTES"
+ENV_SHARED_ABOVE_BYTES: Final = "CHAT_EMBEDS_SHARED_ABOVE_BYTES"
+ENV_SHM_DIR: Final = "CHAT_EMBEDS_SHM_DIR"
 ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
 
 DEFAULT_MAX_PARTS: Final = 64
@@ -27,6 +30,10 @@ DEFAULT_MAX_PART_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES: Final = 512 * 1024 * 1024
 DEFAULT_DECODE_POOL_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_REFERENCE_BYTES: Final = 512 * 1024 * 1024
+# Rows this big or bigger cross processes through shared memory (transport/shared_rows.py):
+# below it a socket copy costs less than a segment's system calls.
+DEFAULT_SHARED_ABOVE_BYTES: Final = 1024 * 1024
+DEFAULT_SHM_DIR: Final = "/dev/shm"
 
 DroppedPolicy = Literal["error", "warn"]
 
@@ -45,6 +52,14 @@ def _int_env(name: str, default: int, *, minimum: int = 1) -> int:
     return value
 
 
+def _optional_int_env(name: str) -> int | None:
+    """A non-negative integer, or None when the variable is unset or empty (a default that
+    depends on the machine)."""
+    if not os.environ.get(name, "").strip():
+        return None
+    return _int_env(name, 0, minimum=0)
+
+
 @dataclass(frozen=True)
 class Limits:
     max_parts: int = DEFAULT_MAX_PARTS
@@ -56,6 +71,12 @@ class Limits:
     compact: bool = True  # send embedding rows only (False: dense, as the built-in)
     decode_pool_bytes: int = DEFAULT_DECODE_POOL_BYTES  # reused decode buffers; 0: none
     reference_bytes: int = DEFAULT_REFERENCE_BYTES  # rows kept by uuid (stores/references); 0: off
+    # Shared-memory rows (transport/shared_rows.py): the bytes one process may have in
+    # segments (None: half of the directory's free space when first used; 0: off), the size
+    # from which rows use them, and the directory (a tmpfs).
+    shm_bytes: int | None = None
+    shared_above_bytes: int = DEFAULT_SHARED_ABOVE_BYTES
+    shm_dir: str = DEFAULT_SHM_DIR
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -72,6 +93,11 @@ class Limits:
             compact=os.environ.get(ENV_COMPACT, "1").strip().lower() not in ("0", "false", "no"),
             decode_pool_bytes=_int_env(ENV_DECODE_POOL_BYTES, DEFAULT_DECODE_POOL_BYTES, minimum=0),
             reference_bytes=_int_env(ENV_REFERENCE_BYTES, DEFAULT_REFERENCE_BYTES, minimum=0),
+            shm_bytes=_optional_int_env(ENV_SHM_BYTES),
+            shared_above_bytes=_int_env(
+                ENV_SHARED_ABOVE_BYTES, DEFAULT_SHARED_ABOVE_BYTES, minimum=0
+            ),
+            shm_dir=os.environ.get(ENV_SHM_DIR, "").strip() or DEFAULT_SHM_DIR,
         )
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
 import requests
 from chat_cases import CASES, as_text, render
-from conftest import run_server, server_env
+from conftest import ALL_ROWS_SHARED, run_server, server_env
 
 import vllm_chat_embeds
 from vllm_chat_embeds.client import Conversation
+from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -70,9 +72,10 @@ def check_references(server, table, turns: int = 3) -> None:
     assert answers == [[r] * turns for r in references] * 2
 
 
-def active_processes(server, pattern: str) -> set[str]:
-    """Process labels (e.g. ``APIServer_1``) whose log says the plugin is active."""
-    active = f"vllm_chat_embeds {vllm_chat_embeds.__version__} active"
+def active_processes(server, pattern: str, said: str | None = None) -> set[str]:
+    """Process labels (e.g. ``APIServer_1``) whose log says the plugin is active (or
+    ``said``)."""
+    active = said or f"vllm_chat_embeds {vllm_chat_embeds.__version__} active"
     return {
         m.group(1)
         for line in server.log().splitlines()
@@ -80,29 +83,43 @@ def active_processes(server, pattern: str) -> set[str]:
     }
 
 
+def shared_names() -> set[str]:
+    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(NAME_PREFIX)}
+
+
 def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_root):
-    """One start for two configurations: both frontends and both TP workers run the plugin."""
-    env = server_env(
-        trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=ONE_CORE_PER_RANK
-    )
+    """One start for two configurations: both frontends and both TP workers run the plugin.
+    Rows go through shared memory (both hops: each API server to the engine core, the engine
+    core to both workers), and nothing of it is left once the server stopped."""
+    extra = {**ONE_CORE_PER_RANK, **ALL_ROWS_SHARED}
+    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     args = ["--enable-prompt-embeds", "--tensor-parallel-size", "2", "--api-server-count", "2"]
+    before = shared_names()
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table, copies=12)
         check_references(server, table)
         assert len(active_processes(server, r"APIServer_\d+|ApiServer_\d+")) == 2, server.tail(80)
         assert len(active_processes(server, r"VllmWorker-\d+|Worker_TP\d+")) == 2, server.tail(80)
+        arrived = active_processes(server, r"[^)]*", "rows arrive through shared memory")
+        assert len([p for p in arrived if "Worker" in p]) == 2, server.tail(80)
+        assert not any("cross processes as copies" in line for line in server.log().splitlines())
+    assert shared_names() <= before  # every segment and link is gone with the server
 
 
-def test_data_parallel_2(tiny_model, table, vllm_cache_root):
-    env = server_env(
-        trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=ONE_CORE_PER_RANK
-    )
+def test_data_parallel_2_where_shared_memory_is_too_small(tiny_model, table, vllm_cache_root):
+    """DP=2 in a container whose /dev/shm cannot hold the rows (a budget of 1 byte stands in
+    for it): rows cross as copies, with one log line naming the fix, and parity holds."""
+    too_small = {"CHAT_EMBEDS_SHARED_ABOVE_BYTES": "0", "CHAT_EMBEDS_SHM_BYTES": "1"}
+    extra = {**ONE_CORE_PER_RANK, **too_small}
+    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     args = ["--enable-prompt-embeds", "--data-parallel-size", "2"]
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table)
         check_references(server, table)
         engines = active_processes(server, r"EngineCore_DP\d+")
         assert len(engines) == 2, server.tail(80)
+        said = [line for line in server.log().splitlines() if "as copies" in line]
+        assert len(said) == 1 and "--shm-size" in said[0], said
 
 
 def test_ray_executor_is_refused_by_vllms_cpu_build():

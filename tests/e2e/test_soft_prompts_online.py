@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import MODELS, TEST_SERVER_ARGS, Server, run_server, server_env, tensor_b64
+from conftest import (
+    ALL_ROWS_SHARED,
+    MODELS,
+    TEST_SERVER_ARGS,
+    Server,
+    run_server,
+    server_env,
+    tensor_b64,
+)
 from soft_prompt_peft import build_prompt_tuning, peft_greedy, prompt_rows, without_eos
 
 from vllm_chat_embeds import errors
@@ -60,6 +68,7 @@ def server(tiny_model, vllm_cache_root, checkpoints) -> Iterator[Server]:
         "CHAT_EMBEDS_SOFT_PROMPTS": f"sp-a={checkpoints['a']},sp-file={checkpoints['b_file']}",
         "CHAT_EMBEDS_ALLOW_RUNTIME_SOFT_PROMPTS": "1",
         "CHAT_EMBEDS_SOFT_PROMPTS_ROOT": str(STORE / "root"),
+        **ALL_ROWS_SHARED,  # soft prompts' rows joined with parts cross as one segment
     }
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     with run_server(tiny_model, *TEST_SERVER_ARGS, "--enable-prefix-caching", env=env) as srv:

@@ -1,19 +1,23 @@
 """Patch of ``vllm/v1/engine/core.py``: put back the rows a request left behind.
 
 What: ``EngineCore.preprocess_add_request`` (run in the input thread, in the order requests
-arrive) first rebuilds a request's rows from those it carries and those this engine core keeps
-for its API server, as the request's wire says (``stores/engine_rows.py``; the sender is the
-``v1_engine_core_client`` patch). One ``KeptRows`` per API server (``client_index``): each has
-its own sender. A request whose wire names rows not kept fails on its own (vLLM returns an
-error for it; the engine goes on). Why and when it can go: see ``v1_engine_core_client``.
+arrive) first rebuilds a request's rows as its wire says (``stores/engine_rows.py``; the sender
+is the ``v1_engine_core_client`` patch): mapped from shared memory when they came as a handle
+(``transport/shared_rows.py``), else from the rows it carries and those this engine core keeps
+for its API server (one ``KeptRows`` per ``client_index``: each has its own sender). Shared rows
+that go on to workers keep their link until the executor retires it
+(``v1_executor_multiproc_executor``). A request whose rows cannot be rebuilt fails on its own
+(vLLM returns an error for it; the engine goes on). Why and when it can go: see
+``v1_engine_core_client``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..stores.engine_rows import KeptRows, attached, span_digests, take_wire
+from ..stores.engine_rows import SHARED, KeptRows, attached, incoming, span_digests, take_wire
 from . import Patch, check
+from .v1_executor_multiproc_executor import kept_links, passes_rows_on
 
 
 def restore_rows(core: Any, request: Any) -> None:
@@ -24,7 +28,13 @@ def restore_rows(core: Any, request: Any) -> None:
         return
     spans = span_digests(params) or []
     kept = attached(core, int(request.client_index or 0), KeptRows)  # one per API server
-    request.prompt_embeds = kept.resolve(spans, wire, request.prompt_embeds, request.request_id)
+    executor = getattr(core, "model_executor", None)
+    keep_link = SHARED in wire and passes_rows_on(executor)
+    request.prompt_embeds = incoming(
+        kept, spans, wire, request.prompt_embeds, request.request_id, keep_link=keep_link
+    )
+    if keep_link:
+        kept_links(executor)[request.request_id] = wire[SHARED][0]
 
 
 def apply(patch: Patch) -> None:

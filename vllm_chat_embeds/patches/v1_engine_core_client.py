@@ -1,12 +1,15 @@
-"""Patch of ``vllm/v1/engine/core_client.py``: a reference's rows stay with the engine core.
+"""Patch of ``vllm/v1/engine/core_client.py``: rows cross to the engine core once, or not at all.
 
 What: ``SyncMPClient._send_input`` and ``AsyncMPClient._send_input`` (the DP clients inherit
-it) serialise an added request with only the rows its engine core does not hold yet, and the
-wire that says which (``stores/engine_rows.py``); the engine core puts the rows back
-(``v1_engine_core``). One ``HeldRows`` per client and engine: the send to one engine over one
-socket is the order that engine reads in. Why: a part referred to by uuid otherwise crosses to
-the engine core with all its rows on every turn. When it can go: when vLLM's engine requests
-can carry embedding rows by content hash, as its multimodal sender cache does for media.
+it) serialise an added request without its rows when the engine core can do without them: as
+the handle of the shared memory they lie in (``transport/shared_rows.py``), when the engine
+cores listen on this machine (an ``ipc://`` input socket), or with only the rows its engine
+core does not hold yet, and the wire that says which (``stores/engine_rows.py``); the engine
+core puts the rows back (``v1_engine_core``). One ``HeldRows`` per client and engine: the send
+to one engine over one socket is the order that engine reads in. Why: a big part's rows
+otherwise cross to the engine core as bytes, and a part referred to by uuid on every turn.
+When it can go: when vLLM's engine requests can carry embedding rows by content hash or by a
+shared-memory handle, as its multimodal caches do for media.
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ from typing import Any
 
 from ..stores.engine_rows import attached, new_sender, rows_left_behind
 from . import Patch, check
+
+
+def listens_locally(client: Any) -> bool:
+    """Whether the client's engine cores read from an ``ipc://`` socket (this machine): only
+    they can map a shared-memory handle."""
+    import zmq
+
+    try:
+        endpoint = client.input_socket.getsockopt(zmq.LAST_ENDPOINT)
+    except Exception:  # no socket, or closed: send rows as bytes
+        return False
+    return bytes(endpoint).startswith(b"ipc://")
 
 
 def apply(patch: Patch) -> None:
@@ -40,7 +55,8 @@ def apply(patch: Patch) -> None:
                 return original(self, request_type, request, *args, **kwargs)
             engine = args[0] if args else kwargs.get("engine")
             held = attached(self, bytes(engine or self.core_engine or b""), new_sender)
-            with rows_left_behind(held, request):
+            local = attached(self, "local engines", lambda: listens_locally(self))
+            with rows_left_behind(held, request, local=local):
                 return original(self, request_type, request, *args, **kwargs)
 
         cls._send_input = _send_input

@@ -1,18 +1,20 @@
 """Patch of ``vllm/v1/worker/gpu_worker.py``: put back the rows a scheduled request left behind.
 
 What: ``Worker.execute_model`` (the CPU worker inherits it; both model runners sit below it)
-first rebuilds the rows of each newly scheduled request that carries a wire, from the rows
-sent and those this worker keeps (``stores/engine_rows.py``; the sender is the
-``v1_executor_multiproc_executor`` patch), in the order the requests were scheduled. Why and
-when it can go: see ``v1_engine_core_client``. Under vLLM's ``--enable-shm-tensor-arena`` the
-rows arrive as views of the arena's slots, so rows to keep are copied out of them.
+first rebuilds the rows of each newly scheduled request that carries a wire (the sender is the
+``v1_executor_multiproc_executor`` patch), in the order the requests were scheduled: mapped
+from shared memory when they came as a handle (``transport/shared_rows.py``; the engine core
+removes the link), else from the rows sent and those this worker keeps
+(``stores/engine_rows.py``). Why and when it can go: see ``v1_engine_core_client``. Under
+vLLM's ``--enable-shm-tensor-arena`` the rows arrive as views of the arena's slots, so rows to
+keep are copied out of them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..stores.engine_rows import KeptRows, attached, span_digests
+from ..stores.engine_rows import KeptRows, attached, incoming, span_digests
 from . import Patch, check
 from .v1_executor_multiproc_executor import WIRES_ATTR
 
@@ -33,7 +35,9 @@ def restore_rows(worker: Any, scheduler_output: Any) -> None:
         wire = wires.get(req.req_id)
         if wire is not None:
             spans = span_digests(req.sampling_params) or []
-            req.prompt_embeds = kept.resolve(spans, wire, req.prompt_embeds, req.req_id)
+            req.prompt_embeds = incoming(
+                kept, spans, wire, req.prompt_embeds, req.req_id, keep_link=True
+            )
 
 
 def apply(patch: Patch) -> None:

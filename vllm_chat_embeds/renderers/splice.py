@@ -32,6 +32,7 @@ from ..patches.entrypoints_serve_tokenize_serving import note_embeds_rows
 from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 from ..placeholder import PLACEHOLDER_TOKEN
 from ..stores.references import content_hash, kept_rows_digest
+from ..transport import shared_rows
 from .parts import MARKER_CLOSE, EmbedsPlan
 
 EMBED_ROW_TOKEN_ID: Final = 0
@@ -123,6 +124,19 @@ def _embedding_positions(
     return ids, is_token, starts
 
 
+def join_rows(spans: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The spans' rows as one tensor, in shared memory when they are big enough to cross
+    processes as a handle (``transport/shared_rows.py``): a lone span already there is used
+    as it is; others are joined (or copied) into a new segment, else in process memory."""
+    if len(spans) == 1 and shared_rows.is_shared(spans[0]):
+        return spans[0]
+    shape = (sum(int(s.shape[0]) for s in spans), int(spans[0].shape[1]))
+    out = shared_rows.empty(shape, spans[0].dtype)
+    if out is None:
+        return spans[0] if len(spans) == 1 else torch.cat(list(spans))
+    return torch.cat(list(spans), out=out)
+
+
 def build_embeds_input(
     token_ids: Sequence[int],
     spans: Sequence[torch.Tensor],
@@ -139,7 +153,7 @@ def build_embeds_input(
     zeros at token positions, as vLLM's built-in sends.
     """
     ids, is_token, _ = _embedding_positions(token_ids, spans, placeholder_id)
-    rows = torch.cat(list(spans)) if len(spans) > 1 else spans[0]
+    rows = join_rows(spans)
     if compact:
         prompt_embeds = rows
     else:

@@ -31,6 +31,7 @@ import torch
 
 from ..limits import Limits
 from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
+from ..transport import shared_rows
 
 T = TypeVar("T")
 
@@ -38,6 +39,9 @@ T = TypeVar("T")
 KEEP: Final = "k"  # the rows are sent; keep them under their digest
 USE: Final = "u"  # the rows are not sent; use those kept under their digest
 SEND: Final = "s"  # the rows are sent; do not keep them
+# A wire with this key instead of ops: the request's rows are in shared memory, and the key
+# holds their handle (``transport/shared_rows.py``); nothing is kept, nothing is sent.
+SHARED: Final = "shared"
 # Where the frontend puts the wire: the request's ``sampling_params.extra_args`` (only while it
 # is serialised; the engine core takes it out). A client's value is dropped on the way in.
 WIRE_KEY: Final = "_vllm_chat_embeds_rows_wire"
@@ -190,27 +194,61 @@ def outgoing(
     return sent, wire
 
 
+def shared_outgoing(
+    rows: torch.Tensor | None, *, passed_on: bool = False
+) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """Rows in shared memory go as a handle: an empty tensor in their place and the wire
+    naming them (``passed_on``: a receiver passing on rows it mapped); None: not shared."""
+    if rows is None or rows.dim() != 2:
+        return None
+    store = shared_rows.process_rows()
+    handle = store.pass_on(rows) if passed_on else store.send(rows)
+    if handle is None:
+        return None
+    return rows[:0], {SHARED: handle}
+
+
 @contextmanager
-def rows_left_behind(held: HeldRows, request: Any) -> Iterator[None]:
+def rows_left_behind(held: HeldRows, request: Any, *, local: bool = True) -> Iterator[None]:
     """While serialising an engine request: send only the rows its receiver lacks, and the wire.
 
-    The request's own ``prompt_embeds`` and ``extra_args`` are put back afterwards: the frontend
-    keeps using the request object (its output processor holds it).
+    Rows in shared memory go as a handle when the receiver is on this machine (``local``);
+    other rows go as before. The request's own ``prompt_embeds`` and ``extra_args`` are put
+    back afterwards: the frontend keeps using the request object (its output processor holds
+    it).
     """
     params = request.sampling_params
-    out = outgoing(held, request.prompt_embeds, span_digests(params))
+    out = shared_outgoing(request.prompt_embeds) if local and params is not None else None
+    if out is None:
+        out = outgoing(held, request.prompt_embeds, span_digests(params))
     if out is None:
         yield
         return
     sent, wire = out
     rows, extra = request.prompt_embeds, params.extra_args
     request.prompt_embeds = sent
-    params.extra_args = {**extra, WIRE_KEY: wire}
+    params.extra_args = {**(extra or {}), WIRE_KEY: wire}
     try:
         yield
     finally:
         request.prompt_embeds = rows
         params.extra_args = extra
+
+
+def incoming(
+    kept: KeptRows,
+    spans: Sequence[tuple[int, str | None]],
+    wire: dict[str, Any],
+    sent: torch.Tensor,
+    request_id: str,
+    *,
+    keep_link: bool = False,
+) -> torch.Tensor:
+    """A received request's whole rows: mapped from shared memory (``keep_link``: this
+    receiver passes them on), or rebuilt from the rows sent and those kept."""
+    if SHARED in wire:
+        return shared_rows.process_rows().receive(wire[SHARED], request_id, keep_link=keep_link)
+    return kept.resolve(spans, wire, sent, request_id)
 
 
 def take_wire(params: Any) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from typing import Any, Final
 import torch
 
 from ..limits import Limits
+from ..transport import shared_rows
 
 # A uuid longer than this is refused: it is a name, not a payload.
 MAX_UUID_CHARS: Final = 256
@@ -41,9 +42,18 @@ def _own_rows(rows: torch.Tensor, owned: bool = False) -> torch.Tensor:
     Why copy: the decoded rows may sit in a reused decode buffer (``decode_buffers``), which
     must stay free to reuse, or be a client's own tensor (offline), which it may change
     afterwards; and the store's byte count is then exactly what it keeps alive. Uploaded rows
-    (``entrypoints/row_uploads.py``) are decoded into memory of their own, so they skip it.
+    (``entrypoints/row_uploads.py``) and rows decoded into a shared-memory segment of their
+    own skip it. A copy goes to shared memory when it can, so kept rows are held once per
+    machine (``transport/shared_rows.py``).
     """
-    kept = rows.detach() if owned else rows.detach().clone(memory_format=torch.contiguous_format)
+    rows = rows.detach()
+    if owned or (rows.is_contiguous() and shared_rows.is_shared(rows)):
+        kept = rows  # a segment of its own: never reused, never a client's
+    else:
+        kept = shared_rows.empty(tuple(rows.shape), rows.dtype)  # type: ignore[arg-type]
+        if kept is None:
+            kept = torch.empty(rows.shape, dtype=rows.dtype)
+        kept.copy_(rows)
     setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed once
     kept_rows_digest(kept)  # here, off the event loop (the async renderer's executor)
     return kept

@@ -41,6 +41,7 @@ from ..payload import (
     safetensors_layout,
     validate_tensor,
 )
+from ..transport import shared_rows
 from . import references
 
 # Ids of uploaded rows; a file part's ``file_id`` with this prefix is always taken for rows.
@@ -59,10 +60,13 @@ def new_upload_id() -> str:
 def allocate_rows(layout: RowsLayout) -> torch.Tensor:
     """The one allocation of an upload: an uninitialised tensor the body is read into.
 
-    Kept in one function so where rows live (process memory today, shared memory later) is
-    decided in one place.
+    Kept in one function so where rows live is decided in one place: shared memory when it
+    can hold them (they then cross processes as a handle, ``transport/shared_rows.py``), else
+    process memory.
     """
-    return torch.empty((layout.rows, layout.width), dtype=layout.dtype)
+    shape = (layout.rows, layout.width)
+    shared = shared_rows.empty(shape, layout.dtype)
+    return shared if shared is not None else torch.empty(shape, dtype=layout.dtype)
 
 
 def _bytes_of(rows: torch.Tensor) -> memoryview:

@@ -1,0 +1,203 @@
+"""Shared-memory rows (transport/shared_rows.py): segments, links, lifetimes, fallbacks.
+
+Each test uses a directory of its own as the "/dev/shm" (a tmpfs when the machine can mount
+one, else a plain directory: the calls are the same), so names are counted exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_chat_embeds.limits import Limits
+from vllm_chat_embeds.stores import engine_rows
+from vllm_chat_embeds.transport import shared_rows
+from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX, NO_SHARED_MEMORY
+
+pytestmark = pytest.mark.unit
+MIB = 1024 * 1024
+
+
+def names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(NAME_PREFIX))
+
+
+@pytest.fixture
+def shm(tmp_path: Path):
+    """This process's shared rows, in ``tmp_path``, for rows of any size."""
+    store = shared_rows.configure(Limits(shm_dir=str(tmp_path), shared_above_bytes=0))
+    yield store
+    gc.collect()
+    shared_rows.configure(Limits())
+
+
+def test_rows_cross_as_a_link_that_the_receiver_removes(shm, tmp_path: Path) -> None:
+    rows = shared_rows.empty((4, 8), torch.float16)
+    assert rows is not None
+    rows.copy_(torch.arange(32, dtype=torch.float16).view(4, 8))
+    (made,) = names(tmp_path)
+    wire = shm.send(rows[1:3])  # a slice: the offset travels
+    assert wire is not None and wire[1] == 1 * 8 * 2
+    assert len(names(tmp_path)) == 2  # the segment and the link for this send
+    got = shm.receive(wire, "r1", keep_link=False)
+    assert torch.equal(got, rows[1:3])
+    assert names(tmp_path) == [made]  # the link is gone once mapped
+    got[0, 0] = 99  # copy-on-write: the creator's rows stay as they were
+    assert rows[1, 0] == 8
+
+
+def test_the_name_goes_with_the_creators_last_view_and_mappings_outlive_it(shm, tmp_path):
+    rows = shared_rows.empty((2, 4), torch.float32)
+    assert rows is not None
+    rows.fill_(3.0)
+    wire = shm.send(rows)
+    assert wire is not None
+    del rows
+    gc.collect()
+    assert len(names(tmp_path)) == 1  # the creator's name is gone; the unopened link stays
+    got = shm.receive(wire, "r1", keep_link=False)
+    assert names(tmp_path) == []
+    assert torch.equal(got, torch.full((2, 4), 3.0))
+    assert shm.made_bytes() == 0
+
+
+def test_a_kept_link_is_passed_on_and_retired(shm, tmp_path: Path) -> None:
+    rows = shared_rows.empty((3, 4), torch.bfloat16)
+    assert rows is not None
+    rows.fill_(1.5)
+    wire = shm.send(rows)
+    assert wire is not None
+    engine_core = shm.receive(wire, "r1", keep_link=True)
+    assert shm.pass_on(engine_core) == wire  # the engine core hands its workers the same link
+    assert shm.pass_on(rows) is None  # the creator's own rows are sent, not passed on
+    worker = shm.receive(wire, "r1", keep_link=True)
+    assert torch.equal(worker, engine_core)
+    shm.retire([wire[0]])
+    assert len(names(tmp_path)) == 1  # only the creator's segment
+
+
+def test_rows_not_in_a_segment_are_sent_as_bytes(shm) -> None:
+    assert shm.send(torch.zeros(4, 8)) is None
+    assert engine_rows.shared_outgoing(torch.zeros(4, 8)) is None
+    rows = shared_rows.empty((4, 8), torch.float32)
+    assert rows is not None
+    assert shm.send(rows.t()) is None  # not contiguous
+    assert shm.send(rows[:0]) is None  # nothing to send
+
+
+def test_a_missing_link_fails_the_request_with_its_name(shm) -> None:
+    rows = shared_rows.empty((2, 4), torch.float32)
+    assert rows is not None
+    wire = shm.send(rows)
+    assert wire is not None
+    shm.retire([wire[0]])
+    with pytest.raises(RuntimeError, match="gone before this process could map them") as info:
+        shm.receive(wire, "req-7", keep_link=False)
+    assert "req-7" in str(info.value)
+    with pytest.raises(RuntimeError):
+        shm.receive(["../../etc/passwd", 0, "float32", 1, 1], "req-8", keep_link=False)
+
+
+def test_the_shared_wire_round_trips_through_engine_rows(shm) -> None:
+    rows = shared_rows.empty((5, 4), torch.float16)
+    assert rows is not None
+    rows.normal_()
+    out = engine_rows.shared_outgoing(rows)
+    assert out is not None
+    sent, wire = out
+    assert sent.shape == (0, 4) and engine_rows.SHARED in wire
+    got = engine_rows.incoming(engine_rows.KeptRows(), [], wire, sent, "r1")
+    assert torch.equal(got, rows)
+
+
+def test_small_rows_and_a_spent_budget_fall_back_with_one_log_line(tmp_path, caplog) -> None:
+    store = shared_rows.configure(
+        Limits(shm_dir=str(tmp_path), shared_above_bytes=1024, shm_bytes=4096)
+    )
+    try:
+        assert store.allocate(512) is None  # below the threshold: quietly private
+        first = store.allocate(4096)
+        assert first is not None
+        with caplog.at_level("WARNING", logger="vllm.chat_embeds"):
+            assert store.allocate(2048) is None
+            assert store.allocate(2048) is None
+        said = [r for r in caplog.records if "cross processes as copies" in r.getMessage()]
+        assert len(said) == 1 and "--shm-size" in said[0].getMessage()
+        del first
+        gc.collect()
+        assert store.allocate(2048) is not None  # the budget is freed with the rows
+    finally:
+        gc.collect()
+        shared_rows.configure(Limits())
+
+
+def test_a_directory_that_cannot_hold_shared_memory_turns_it_off(tmp_path) -> None:
+    store = shared_rows.configure(Limits(shm_dir=str(tmp_path / "missing")))
+    try:
+        assert store.budget == 0 and store.allocate(8 * MIB) is None
+    finally:
+        shared_rows.configure(Limits())
+    assert NO_SHARED_MEMORY.count("{") == 2
+
+
+def test_a_full_tmpfs_falls_back_instead_of_crashing(tmp_path: Path) -> None:
+    """A container's small /dev/shm: the reservation fails (ENOSPC), never a SIGBUS later."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        store = shared_rows.configure(
+            Limits(shm_dir=str(small), shared_above_bytes=0, shm_bytes=64 * MIB)
+        )
+        held = store.allocate(3 * MIB)
+        assert held is not None
+        assert store.allocate(3 * MIB) is None  # no room: private memory instead
+        assert len(names(small)) == 1  # the failed segment left nothing behind
+        del held
+        gc.collect()
+        assert names(small) == []
+    finally:
+        gc.collect()
+        shared_rows.configure(Limits())
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_names_of_dead_creators_are_swept_and_a_creator_cleans_up_at_exit(tmp_path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, torch
+        from vllm_chat_embeds.limits import Limits
+        from vllm_chat_embeds.transport import shared_rows
+        store = shared_rows.configure(Limits(shm_dir={str(tmp_path)!r}, shared_above_bytes=0))
+        rows = shared_rows.empty((4, 4), torch.float32)
+        store.send(rows)  # a link nobody opens
+        print(len(os.listdir({str(tmp_path)!r})), flush=True)
+        if os.environ.get("DIE"):
+            os._exit(0)  # no atexit: as a killed process
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    clean = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True)
+    assert clean.stdout.decode().strip() == "2", clean.stderr.decode()[-2000:]
+    assert names(tmp_path) == []  # unlinked at exit
+    killed = subprocess.run(
+        [sys.executable, "-c", script], env={**env, "DIE": "1"}, capture_output=True
+    )
+    assert killed.returncode == 0, killed.stderr.decode()[-2000:]
+    assert len(names(tmp_path)) == 2  # left behind by a process that could not clean up
+    shared_rows.configure(Limits(shm_dir=str(tmp_path)))  # a new creator starts: sweeps
+    try:
+        assert names(tmp_path) == []
+    finally:
+        shared_rows.configure(Limits())

@@ -1,0 +1,1 @@
+"""How rows cross process boundaries (the API server, the engine core, each worker)."""

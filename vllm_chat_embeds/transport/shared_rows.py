@@ -1,0 +1,414 @@
+"""Rows that cross processes as a name, not as bytes: one shared-memory segment per big tensor.
+
+Why: a big part's rows were copied at every process boundary (the API server to the engine
+core over ZMQ, the engine core to each worker over vLLM's broadcast) and held again in every
+process that kept them. Here the process that makes the rows puts them in a segment once;
+every other process maps the same pages. So a hop costs a few system calls whatever the size,
+and rows are held once per machine (the kernel frees them with the last mapping).
+
+Why our own segments: vLLM's multimodal shared-memory cache (``--mm-processor-cache-type
+shm``) is a ring whose oldest items are overwritten, and its broadcast arena
+(``--enable-shm-tensor-arena``) frees a slot once no view of it is left; rows kept by uuid must
+outlive any ring position and stay in no slot for good. Rows beside images are vLLM's own
+multimodal items and keep its mechanisms.
+
+Who owns what (the lifetimes):
+
+- **Creator** (the process that decodes, uploads or joins rows: an API server, or the ``LLM``
+  process) makes a segment per tensor (``allocate``), a file in ``CHAT_EMBEDS_SHM_DIR``
+  (``/dev/shm``) named ``vce-rows-<host>-<pid>-<n>``, reserved with ``posix_fallocate`` (a full
+  tmpfs then fails here, not with a SIGBUS later). It unlinks the name once its own tensors
+  over it are gone.
+- **A send** (``send``) makes a hard link of the segment for that send alone, and the wire
+  carries the link's name. The receiver opens and maps it, then removes the link
+  (``receive``); a receiver that passes the rows on (the engine core to its workers) keeps
+  the link until its own receivers have mapped it (``retire``). So a creator never needs to
+  know when a receiver opened: a name lives exactly as long as someone is yet to open it.
+- **Memory** stays while any mapping does: the creator's store, a request in the engine core,
+  a worker's request state. Receivers map copy-on-write, so no process can change another's
+  rows.
+- **Death**: a creator unlinks every name it made at exit; every process of the plugin
+  removes, at its exit, names of creators of this host that are gone (vLLM's launcher kills
+  its API server processes outright, and the launcher is left), and a creator starting up
+  does the same. The kernel drops a dead process's mappings.
+- **No shared memory** (no directory, not writable, the budget ``CHAT_EMBEDS_SHM_BYTES`` spent,
+  or the tmpfs full, as in a container's 64 MiB default): ``allocate`` returns None and rows
+  travel as copies, as before; the log says so once, with the fix.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import mmap
+import multiprocessing.util
+import os
+import re
+import socket
+import threading
+import time
+import weakref
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import torch
+
+from ..limits import Limits
+from ..log import logger
+
+NAME_PREFIX: Final = "vce-rows-"
+# The wire's form of a handle: [link name, byte offset, dtype, rows, width].
+Wire = list[Any]
+# How much of the directory's free space one process may use when no budget is set.
+_AUTO_SHARE: Final = 0.5
+NO_SHARED_MEMORY: Final = (
+    "vllm-chat-embeds: rows of {size_mib:.0f} MiB cross processes as copies, not through "
+    "shared memory: {reason}. To give them shared memory, run the container with a larger "
+    "/dev/shm (docker run --shm-size=4g, or --ipc=host), or set CHAT_EMBEDS_SHM_DIR to a "
+    "tmpfs with room (CHAT_EMBEDS_SHM_BYTES bounds what one process uses)."
+)
+# Said once per process, the first time rows go or come as a handle.
+SENDING_SHARED: Final = (
+    "vllm-chat-embeds: rows of {above} bytes or more cross processes through shared memory in "
+    "{dir} (CHAT_EMBEDS_SHARED_ABOVE_BYTES, CHAT_EMBEDS_SHM_BYTES)"
+)
+RECEIVING_SHARED: Final = "vllm-chat-embeds: rows arrive through shared memory from {dir}"
+LINK_NOT_FOUND: Final = (
+    "vllm-chat-embeds: the shared rows {name} of request {request_id} are gone before this "
+    "process could map them (was the API server restarted, or its /dev/shm cleared?)"
+)
+_DTYPES: Final = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+}
+
+
+def _host_tag() -> str:
+    """Names carry the host, so a sweep never touches another container's segments when
+    several share one ``/dev/shm`` (``--ipc=host``)."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    """One mapping this process holds: its address range and the name it came by."""
+
+    base: int
+    size: int
+    name: str  # the creator's name, or the link a receiver keeps for its own receivers
+
+
+class _SharedRows:
+    """This process's segments: those it made and those it mapped, by address."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.dir = Path(limits.shm_dir)
+        self.tag = _host_tag()
+        self._lock = threading.Lock()
+        self._mapped: dict[int, _Mapped] = {}  # base address -> mapping
+        self._made: dict[str, int] = {}  # names this process made -> bytes
+        self._links = itertools.count()
+        self._said_no = False
+        self._said_sending = False
+        self._said_receiving = False
+        self.budget = self._budget()
+        if self.budget:
+            self._sweep_dead_creators()
+            atexit.register(self.unlink_own)
+            # A multiprocessing child (vLLM's API server processes with --api-server-count)
+            # leaves through os._exit, past atexit; its own exit hook runs these.
+            multiprocessing.util.Finalize(None, self.unlink_own, exitpriority=0)
+
+    # -- the creator's side --------------------------------------------------------------
+
+    def _budget(self) -> int:
+        if self.limits.shm_bytes is not None:
+            return self.limits.shm_bytes
+        try:
+            stat = os.statvfs(self.dir)
+        except OSError:
+            return 0
+        if not os.access(self.dir, os.W_OK):
+            return 0
+        return int(stat.f_bavail * stat.f_frsize * _AUTO_SHARE)
+
+    def made_bytes(self) -> int:
+        with self._lock:
+            return sum(self._made.values())
+
+    def _say_no(self, nbytes: int, reason: str) -> None:
+        if not self._said_no:
+            self._said_no = True
+            logger.warning(NO_SHARED_MEMORY.format(size_mib=nbytes / 2**20, reason=reason))
+
+    def allocate(self, nbytes: int) -> memoryview | None:
+        """A writable view of ``nbytes`` bytes in a new segment; None: use private memory."""
+        if nbytes < max(self.limits.shared_above_bytes, 1):
+            return None
+        if not self.budget:
+            self._say_no(nbytes, f"{self.dir} is not writable, or CHAT_EMBEDS_SHM_BYTES is 0")
+            return None
+        with self._lock:
+            made = sum(self._made.values())
+            if made + nbytes > self.budget:
+                used = f"{made / 2**20:.0f} MiB of its {self.budget / 2**20:.0f} MiB budget"
+                self._say_no(nbytes, f"this process already has {used} in use")
+                return None
+            name = f"{NAME_PREFIX}{self.tag}-{os.getpid()}-{next(self._links)}"
+            self._made[name] = nbytes
+        path = self.dir / name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            self._forget(name)
+            self._say_no(nbytes, f"{path} cannot be created ({exc.strerror})")
+            return None
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # reserve now: a full tmpfs fails here
+            segment = mmap.mmap(fd, nbytes)
+        except OSError as exc:
+            self._unlink(name)
+            self._say_no(nbytes, f"{self.dir} has no room for them ({exc.strerror})")
+            return None
+        finally:
+            os.close(fd)
+        base = _address(segment)
+        with self._lock:
+            self._mapped[base] = _Mapped(base, nbytes, name)
+        # The name goes with the creator's last view (tensors keep the mapping alive).
+        weakref.finalize(segment, self._release_made, base, name)
+        return memoryview(segment)
+
+    def _release_made(self, base: int, name: str) -> None:
+        with self._lock:
+            self._mapped.pop(base, None)
+        self._unlink(name)
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._made.pop(name, None)
+
+    def _unlink(self, name: str) -> None:
+        self._forget(name)
+        _remove(self.dir / name)
+
+    def find(self, rows: torch.Tensor) -> tuple[_Mapped, int] | None:
+        """The mapping ``rows`` lie in and their offset in it, if they lie in one."""
+        if not rows.is_contiguous() or rows.device.type != "cpu":
+            return None
+        start = rows.data_ptr()
+        end = start + rows.numel() * rows.element_size()
+        with self._lock:
+            for mapped in self._mapped.values():
+                if mapped.base <= start and end <= mapped.base + mapped.size:
+                    return mapped, start - mapped.base
+        return None
+
+    def send(self, rows: torch.Tensor) -> Wire | None:
+        """A link for one receiver to the segment ``rows`` lie in, as the wire carries it;
+        None: send the rows themselves (not shared, or the name is gone)."""
+        if rows.dim() != 2 or rows.dtype not in _DTYPES.values() or rows.shape[0] == 0:
+            return None
+        found = self.find(rows)
+        if found is None:
+            return None
+        mapped, offset = found
+        link = f"{mapped.name}-l{next(self._links)}-{os.getpid()}"
+        try:
+            os.link(self.dir / mapped.name, self.dir / link)
+        except OSError:
+            return None  # swept meanwhile: the rows go as bytes
+        if not self._said_sending:
+            self._said_sending = True
+            above = self.limits.shared_above_bytes
+            logger.info(SENDING_SHARED.format(above=above, dir=self.dir))
+        dtype = str(rows.dtype).removeprefix("torch.")
+        return [link, offset, dtype, int(rows.shape[0]), int(rows.shape[1])]
+
+    # -- the receiver's side -------------------------------------------------------------
+
+    def receive(self, wire: Sequence[Any], request_id: str, *, keep_link: bool) -> torch.Tensor:
+        """The rows a wire names, mapped copy-on-write; the link is removed unless
+        ``keep_link`` (this process passes the rows on: ``retire`` removes it later)."""
+        name, offset, dtype, rows, width = wire
+        if not isinstance(name, str) or not name.startswith(NAME_PREFIX) or "/" in name:
+            raise RuntimeError(LINK_NOT_FOUND.format(name=name, request_id=request_id))
+        path = self.dir / name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise RuntimeError(LINK_NOT_FOUND.format(name=name, request_id=request_id)) from exc
+        try:
+            size = os.fstat(fd).st_size
+            segment = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
+        if not keep_link:
+            _remove(path)
+        if not self._said_receiving:
+            self._said_receiving = True
+            logger.info(RECEIVING_SHARED.format(dir=self.dir))
+        base = _address(segment)
+        with self._lock:
+            self._mapped[base] = _Mapped(base, size, name)
+        weakref.finalize(segment, self._release_mapped, base)
+        count = int(rows) * int(width)
+        flat = torch.frombuffer(segment, dtype=_DTYPES[dtype], count=count, offset=int(offset))
+        return flat.view(int(rows), int(width))
+
+    def _release_mapped(self, base: int) -> None:
+        with self._lock:
+            self._mapped.pop(base, None)
+
+    def pass_on(self, rows: torch.Tensor) -> Wire | None:
+        """The wire for rows this process received and passes on (the engine core to its
+        workers): the link it kept, which ``retire`` removes once they have mapped it."""
+        if rows.dim() != 2 or rows.shape[0] == 0:
+            return None
+        found = self.find(rows)
+        if found is None or found[0].name in self._made:
+            return None  # not received by a kept link
+        mapped, offset = found
+        dtype = str(rows.dtype).removeprefix("torch.")
+        return [mapped.name, offset, dtype, int(rows.shape[0]), int(rows.shape[1])]
+
+    def retire(self, names: Sequence[str]) -> None:
+        """Remove links this process kept for its receivers, once they have mapped them."""
+        for name in names:
+            _remove(self.dir / name)
+
+    # -- death and shutdown --------------------------------------------------------------
+
+    def unlink_own(self) -> None:
+        """Remove every name this process made (at exit: its links not yet opened too)."""
+        mine = re.compile(rf"{NAME_PREFIX}{self.tag}-{os.getpid()}-\d+(-l\d+-\d+)?$")
+        for path in _listing(self.dir):
+            if mine.match(path.name):
+                _remove(path)
+
+    def _sweep_dead_creators(self) -> None:
+        sweep_dead_creators(self.dir, self.tag)
+
+
+def sweep_dead_creators(
+    directory: Path, tag: str | None = None, *, children_grace_s: float = 0.0
+) -> None:
+    """Remove names whose creator (and whose link's maker) on this host is gone.
+
+    ``children_grace_s``: first wait up to that long for creators that are this process's own
+    children to die (at exit, vLLM's launcher has just sent them SIGKILL)."""
+    tag = tag or _host_tag()
+    pattern = re.compile(rf"{NAME_PREFIX}{tag}-(\d+)-\d+(?:-l\d+-(\d+))?$")
+    named: list[tuple[Path, list[int]]] = []
+    for path in _listing(directory):
+        match = pattern.match(path.name)
+        if match is not None:
+            named.append((path, [int(p) for p in match.groups() if p is not None]))
+    deadline = time.monotonic() + children_grace_s
+    dying = {pid for _, pids in named for pid in pids if _parent(pid) == os.getpid()}
+    while dying and time.monotonic() < deadline:
+        dying = {pid for pid in dying if _alive(pid)}
+        if dying:
+            time.sleep(0.05)
+    for path, pids in named:
+        if not any(_alive(pid) for pid in pids):
+            _remove(path)
+
+
+_sweeping_at_exit = False
+# How long a process at exit waits for its killed children to be gone before sweeping.
+_CHILDREN_GRACE_S: Final = 5.0
+
+
+def sweep_at_exit() -> None:
+    """At this process's exit, remove the names of creators that are gone: vLLM's launcher
+    kills its API server processes (``--api-server-count``) and engine cores outright, and
+    this is the process left to clean after them. Called by ``register()``, in every
+    process (a listing of the directory at exit)."""
+    global _sweeping_at_exit
+    if not _sweeping_at_exit:
+        _sweeping_at_exit = True
+        directory = Path(Limits.from_env().shm_dir)
+        grace = {"children_grace_s": _CHILDREN_GRACE_S}
+        atexit.register(sweep_dead_creators, directory, **grace)
+        multiprocessing.util.Finalize(
+            None, sweep_dead_creators, (directory,), grace, exitpriority=0
+        )
+
+
+def _address(segment: mmap.mmap) -> int:
+    return torch.frombuffer(segment, dtype=torch.uint8, count=1).data_ptr()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust the signal check
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _listing(directory: Path) -> list[Path]:
+    try:
+        return [p for p in directory.iterdir() if p.name.startswith(NAME_PREFIX)]
+    except OSError:
+        return []
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+_process: _SharedRows | None = None
+_process_lock = threading.Lock()
+
+
+def process_rows() -> _SharedRows:
+    """This process's segments, configured from the environment on first use."""
+    global _process
+    with _process_lock:
+        if _process is None:
+            _process = _SharedRows(Limits.from_env())
+        return _process
+
+
+def configure(limits: Limits) -> _SharedRows:
+    """Start over with ``limits`` (tests, benchmarks); segments already made stay valid."""
+    global _process
+    with _process_lock:
+        _process = _SharedRows(limits)
+        return _process
+
+
+def empty(shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
+    """An uninitialised tensor in a new segment, or None (too small, or no shared memory)."""
+    view = process_rows().allocate(shape[0] * shape[1] * dtype.itemsize)
+    if view is None:
+        return None
+    return torch.frombuffer(view, dtype=dtype).view(shape)
+
+
+def is_shared(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` lie in a segment this process made or mapped."""
+    return process_rows().find(rows) is not None

@@ -28,18 +28,20 @@ $(error VLLM must be 0.32 or 0.33, not $(VLLM))
 endif
 # The end-to-end core, run a second time on the 0.33 harness by `make test` (the full suite
 # runs on 0.32): the unit tests of what meets vLLM's interfaces (compat table, version gate,
-# patches, request schemas, support matrix), startup, parity (hf, mistral), hostile table,
-# echo/prompt_logprobs, /tokenize, templates, compact transport, /v1/responses, images, and the
-# other modes' renderers without their live servers, uploads and file parts (not the --api-key
-# server with two API server processes).
+# every patch target, request schemas, support matrix), then what runs on the servers the
+# suite shares (plugin, built-in, features): parity, hostile table, echo/prompt_logprobs,
+# /tokenize, templates, compact transport in the engine (chunked prefill, preemption,
+# speculation), references, shared-memory rows, the scale-out split, the other modes'
+# renderers without their live servers, uploads and file parts. Left to the 0.32 run, for the
+# suite's time: the servers of their own (startup checks, /v1/responses, mistral, images).
 CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 	tests/unit/test_compact_patches.py tests/unit/test_responses_schema.py \
-	tests/unit/test_message_schema.py tests/unit/test_support_matrix.py tests/e2e/test_startup.py \
+	tests/unit/test_message_schema.py tests/unit/test_support_matrix.py \
 	tests/e2e/test_chat_parity_online.py tests/e2e/test_hostile_online.py \
 	tests/e2e/test_logprobs_echo_online.py tests/e2e/test_tokenize_online.py \
 	tests/e2e/test_templates_online.py tests/e2e/test_compact_engine.py \
-	tests/e2e/test_responses_online.py tests/e2e/test_mistral_mode.py \
-	tests/e2e/test_images_online.py tests/e2e/test_references_online.py tests/unit/test_engine_rows.py \
+	tests/e2e/test_references_online.py tests/unit/test_engine_rows.py \
+	tests/e2e/test_shared_rows_online.py tests/unit/test_shared_rows.py \
 	tests/e2e/test_scale_out_split.py tests/unit/test_scale_out_rows.py \
 	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
 

@@ -257,6 +257,29 @@ def feature_server(
         yield server
 
 
+# guarded_server: what its tests need the limits to be.
+GUARDED_API_KEY = "secret-key-123"
+GUARDED_PART_BYTES = 64 * 1024
+GUARDED_STORE_BYTES = 32 * 1024
+
+
+@pytest.fixture(scope="session")
+def guarded_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
+    """Two API server processes behind ``--api-key``, with small part and store limits: the
+    upload routes' guards and limits (test_row_uploads_online.py), and parts by reference
+    across API server processes (test_references_scale_out.py). Kept-alive connections
+    outlast the tests, so a ``requests.Session`` stays with one process."""
+    extra = {
+        "CHAT_EMBEDS_MAX_PART_BYTES": str(GUARDED_PART_BYTES),
+        "CHAT_EMBEDS_REFERENCE_BYTES": str(GUARDED_STORE_BYTES),
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "600",
+    }
+    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
+    args = [*TEST_SERVER_ARGS, "--api-key", GUARDED_API_KEY, "--api-server-count", "2"]
+    with run_server(tiny_model, *args, env=env) as server:
+        yield server
+
+
 def make_offline_llm(tiny_model: Path, vllm_cache_root: str, **extra):
     """A real in-process ``LLM`` with the plugin and the built-in helpers trapped."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

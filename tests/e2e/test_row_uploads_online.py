@@ -21,7 +21,9 @@ import pytest
 import requests
 import torch
 from chat_cases import CASES, as_text, render
-from conftest import TEST_SERVER_ARGS, run_server, server_env
+from conftest import GUARDED_API_KEY as API_KEY
+from conftest import GUARDED_PART_BYTES as SMALL_PART_BYTES
+from conftest import GUARDED_STORE_BYTES as SMALL_STORE_BYTES
 from hostile_cases import PART_CASES, as_bytes
 from safetensors.torch import save
 
@@ -351,23 +353,6 @@ def test_many_clients_upload_and_chat_at_once(plugin_server, table) -> None:
 
 
 # -- --api-key, two API server processes, small limits ------------------------------------------
-
-API_KEY = "secret-key-123"
-SMALL_PART_BYTES = 64 * 1024
-SMALL_STORE_BYTES = 32 * 1024
-
-
-@pytest.fixture(scope="module")
-def guarded_server(tiny_model, vllm_cache_root):
-    extra = {
-        "CHAT_EMBEDS_MAX_PART_BYTES": str(SMALL_PART_BYTES),
-        "CHAT_EMBEDS_REFERENCE_BYTES": str(SMALL_STORE_BYTES),
-        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "600",
-    }
-    env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
-    args = [*TEST_SERVER_ARGS, "--api-key", API_KEY, "--api-server-count", "2"]
-    with run_server(tiny_model, *args, env=env) as server:
-        yield server
 
 
 def test_api_key_guards_every_upload_route(guarded_server, table) -> None:

@@ -19,10 +19,9 @@ prompt token for token; greedy replies are compared: ``parity``). Variants per s
   (``torch`` encoding, the only one it reads);
 - ``plugin_text`` / ``plugin_inline``: the plugin, as text / the part inline (``raw``,
   float16);
-- ``plugin_held``: the plugin, the part by ``uuid`` only, its rows sent once before (untimed).
-
-Not here: "ours with ``upload_rows``" (the binary upload route of issue 19 item 2 is built on
-another branch; this script times it once ``vllm_chat_embeds.client.upload_rows`` exists).
+- ``plugin_held``: the plugin, the part by ``uuid`` only, its rows sent once before (untimed);
+- ``plugin_upload``: ``vllm_chat_embeds.client.upload_rows`` (raw bytes to
+  ``POST /v1/prompt_embeds``) and then the chat by the uuid it returns, timed together.
 
 Latency: wall time of one non-streaming greedy request, ``max_tokens=1``, body serialised before
 the clock starts; median over ``--runs``; ratio = variant / the same server's text chat. A run
@@ -40,7 +39,8 @@ Also measured:
   path for messages over its chunk size);
 - ``memory``: a plugin server with ``CHAT_EMBEDS_REFERENCE_BYTES=64 MiB`` gets 256 MiB of
   distinct parts by uuid (2048 rows each); PSS summed over the server's processes before and
-  after, and the machine's used memory (``MemTotal - MemAvailable``, shared memory included).
+  after, and the machine's used memory (``MemTotal - MemAvailable``, shared memory included;
+  also less this benchmark process's own growth, since it builds the rows and bodies).
 
     .venv/bin/python benchmarks/big_parts.py [--quick] [--runs N] [--tp 1 2] [--rows ...]
 
@@ -50,6 +50,7 @@ Prints tables, writes ``benchmarks/results/big_parts.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -391,6 +392,15 @@ def machine_used_bytes() -> int:
     return info["MemTotal"] - info["MemAvailable"]
 
 
+def own_rss_bytes() -> int:
+    """This benchmark process's resident memory: the rows and bodies it builds count in the
+    machine's used memory, and are not the server's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def shm_bytes() -> int:
     """Bytes in /dev/shm, vLLM's own broadcast buffers and semaphores left out."""
     total = 0
@@ -420,10 +430,12 @@ def memory_phase(
         server = servers["plugin"]
         post(server, Body(big.text(32)).render())
         time.sleep(1.5)
+        gc.collect()
         before = {
             "pss": pss_bytes(server.proc.pid),
             "used": machine_used_bytes(),
             "shm": shm_bytes(),
+            "client_rss": own_rss_bytes(),
         }
         for i in range(count):
             part = {**prompt_embeds_part(big.rows(rows, salt=i + 1), encoding="raw")}
@@ -432,10 +444,12 @@ def memory_phase(
             if reply.status != 200:
                 raise RuntimeError(f"memory phase: {reply.status} {reply.error}")
         time.sleep(1.5)
+        gc.collect()
         after = {
             "pss": pss_bytes(server.proc.pid),
             "used": machine_used_bytes(),
             "shm": shm_bytes(),
+            "client_rss": own_rss_bytes(),
         }
     growth = {k: after[k] - before[k] for k in before}
     return {
@@ -449,6 +463,10 @@ def memory_phase(
         "growth": growth,
         "pss_growth_x_bound": round(growth["pss"] / REFERENCE_BYTES, 2),
         "used_growth_x_bound": round(growth["used"] / REFERENCE_BYTES, 2),
+        # The machine's used memory less what this benchmark process itself grew by.
+        "server_used_growth_x_bound": round(
+            (growth["used"] - growth["client_rss"]) / REFERENCE_BYTES, 2
+        ),
     }
 
 
@@ -730,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
             f"memory TP={m['tp']}: {m['parts']} parts by uuid ({m['sent_bytes_float16'] >> 20} "
             f"MiB float16), bound {m['reference_bytes'] >> 20} MiB: PSS +"
             f"{m['growth']['pss'] >> 20} MiB ({m['pss_growth_x_bound']}x), machine used +"
-            f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x), /dev/shm +"
+            f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x; less this "
+            f"process's own growth: {m['server_used_growth_x_bound']}x), /dev/shm +"
             f"{m['growth']['shm'] >> 20} MiB"
         )
     elapsed = round(time.monotonic() - started, 1)

@@ -108,7 +108,8 @@ def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_
 
 def test_data_parallel_2_where_shared_memory_is_too_small(tiny_model, table, vllm_cache_root):
     """DP=2 in a container whose /dev/shm cannot hold the rows (a budget of 1 byte stands in
-    for it): rows cross as copies, with one log line naming the fix, and parity holds."""
+    for it): rows cross as copies, with one log line per API server process naming the fix,
+    and parity holds."""
     too_small = {"CHAT_EMBEDS_SHARED_ABOVE_BYTES": "0", "CHAT_EMBEDS_SHM_BYTES": "1"}
     extra = {**ONE_CORE_PER_RANK, **too_small}
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
@@ -119,7 +120,11 @@ def test_data_parallel_2_where_shared_memory_is_too_small(tiny_model, table, vll
         engines = active_processes(server, r"EngineCore_DP\d+")
         assert len(engines) == 2, server.tail(80)
         said = [line for line in server.log().splitlines() if "as copies" in line]
-        assert len(said) == 1 and "--shm-size" in said[0], said
+        processes = [re.match(r"\(([^)]*)\)", line) for line in said]
+        labels = [m.group(1) if m else line for m, line in zip(processes, said, strict=True)]
+        # Once per process that makes rows (DP=2 runs an API server per engine).
+        assert said and len(set(labels)) == len(labels), said
+        assert all("--shm-size" in line for line in said), said
 
 
 def test_ray_executor_is_refused_by_vllms_cpu_build():

@@ -71,32 +71,26 @@ def apply(patch: Patch) -> None:
         finished = getattr(scheduler_output, "finished_req_ids", None) or ()
         retiring = [links.pop(rid) for rid in finished if rid in links]
         new_reqs = getattr(scheduler_output, "scheduled_new_reqs", None) or ()
-        if not any(req.prompt_embeds is not None for req in new_reqs):
-            result = original(self, scheduler_output, non_block)
-            _retire_after(result, retiring)
-            return result
-        held = attached(self, "workers", new_sender)
         wires: dict[str, Any] = {}
         restore: list[tuple[Any, Any]] = []
-        for req in new_reqs:
-            out = None
-            if req.req_id in links:
-                out = shared_outgoing(req.prompt_embeds, passed_on=True)
-            if out is None:
-                out = outgoing(held, req.prompt_embeds, span_digests(req.sampling_params))
-            if out is None:
-                continue
-            restore.append((req, req.prompt_embeds))
-            req.prompt_embeds, wires[req.req_id] = out
-        if not wires:
-            result = original(self, scheduler_output, non_block)
-            _retire_after(result, retiring)
-            return result
-        setattr(scheduler_output, WIRES_ATTR, wires)
+        if any(req.prompt_embeds is not None for req in new_reqs):
+            held = attached(self, "workers", new_sender)
+            for req in new_reqs:
+                out = None
+                if req.req_id in links:
+                    out = shared_outgoing(req.prompt_embeds, passed_on=True)
+                if out is None:
+                    out = outgoing(held, req.prompt_embeds, span_digests(req.sampling_params))
+                if out is not None:
+                    restore.append((req, req.prompt_embeds))
+                    req.prompt_embeds, wires[req.req_id] = out
+        if wires:
+            setattr(scheduler_output, WIRES_ATTR, wires)
         try:
             result = original(self, scheduler_output, non_block)
         finally:  # the broadcast is serialised by now
-            delattr(scheduler_output, WIRES_ATTR)
+            if wires:
+                delattr(scheduler_output, WIRES_ATTR)
             for req, rows in restore:
                 req.prompt_embeds = rows
         _retire_after(result, retiring)

@@ -117,7 +117,7 @@ class _SharedRows:
         self._said_receiving = False
         self.budget = self._budget()
         if self.budget:
-            self._sweep_dead_creators()
+            sweep_dead_creators(self.dir, self.tag)
             atexit.register(self.unlink_own)
             # A multiprocessing child (vLLM's API server processes with --api-server-count)
             # leaves through os._exit, past atexit; its own exit hook runs these.
@@ -226,8 +226,7 @@ class _SharedRows:
             self._said_sending = True
             above = self.limits.shared_above_bytes
             logger.info(SENDING_SHARED.format(above=above, dir=self.dir))
-        dtype = str(rows.dtype).removeprefix("torch.")
-        return [link, offset, dtype, int(rows.shape[0]), int(rows.shape[1])]
+        return _wire(link, offset, rows)
 
     # -- the receiver's side -------------------------------------------------------------
 
@@ -273,8 +272,7 @@ class _SharedRows:
         if found is None or found[0].name in self._made:
             return None  # not received by a kept link
         mapped, offset = found
-        dtype = str(rows.dtype).removeprefix("torch.")
-        return [mapped.name, offset, dtype, int(rows.shape[0]), int(rows.shape[1])]
+        return _wire(mapped.name, offset, rows)
 
     def retire(self, names: Sequence[str]) -> None:
         """Remove links this process kept for its receivers, once they have mapped them."""
@@ -289,9 +287,6 @@ class _SharedRows:
         for path in _listing(self.dir):
             if mine.match(path.name):
                 _remove(path)
-
-    def _sweep_dead_creators(self) -> None:
-        sweep_dead_creators(self.dir, self.tag)
 
 
 def sweep_dead_creators(
@@ -338,6 +333,12 @@ def sweep_at_exit() -> None:
         multiprocessing.util.Finalize(
             None, sweep_dead_creators, (directory,), grace, exitpriority=0
         )
+
+
+def _wire(name: str, offset: int, rows: torch.Tensor) -> Wire:
+    """The wire's form of a handle to ``rows`` at ``offset`` in the segment ``name``."""
+    dtype = str(rows.dtype).removeprefix("torch.")
+    return [name, offset, dtype, int(rows.shape[0]), int(rows.shape[1])]
 
 
 def _address(segment: mmap.mmap) -> int:

@@ -165,15 +165,23 @@ def run_server(
 # Every part's rows cross processes through shared memory, however small (tiny test models
 # have tiny rows): the servers started with it test parity over that transport.
 ALL_ROWS_SHARED = {"CHAT_EMBEDS_SHARED_ABOVE_BYTES": "0"}
+# Every part's base64 data (256 characters or more: all of the tests') skips FastAPI's JSON
+# parser (entrypoints/big_bodies.py): the servers started with it test parity over that path.
+ALL_PARTS_LIFTED = {"CHAT_EMBEDS_LIFT_ABOVE_BYTES": "0"}
 
 
 @pytest.fixture(scope="session")
 def plugin_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
     """The plugin, with vLLM's built-in prompt_embeds helpers trapped, multiprocess engine,
-    every part's rows sent to the engine core through shared memory (``ALL_ROWS_SHARED``);
+    every part's rows sent to the engine core through shared memory (``ALL_ROWS_SHARED``),
+    every part's data lifted out of the JSON body (``ALL_PARTS_LIFTED``);
     with the scale-out routes (render, generate, derender) on, for test_scale_out_split.py."""
     env = server_env(
-        trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=ALL_ROWS_SHARED
+        trap=True,
+        plugins=True,
+        mp=True,
+        cache_root=vllm_cache_root,
+        extra={**ALL_ROWS_SHARED, **ALL_PARTS_LIFTED},
     )
     with run_server(tiny_model, *TEST_SERVER_ARGS, "--enable-scale-out", env=env) as server:
         yield server
@@ -251,6 +259,7 @@ def feature_server(
         "CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_TEST_BYTES),
         "VLLM_ENABLE_RESPONSES_API_STORE": "1",  # previous_response_id over references
         **ALL_ROWS_SHARED,  # LoRA, tools, beams, prefix caching over shared-memory rows
+        **ALL_PARTS_LIFTED,
     }
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     with run_server(tiny_model, *args, env=env) as server:

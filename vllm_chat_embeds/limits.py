@@ -22,6 +22,7 @@ ENV_REFERENCE_BYTES: Final = "CHAT_EMBEDS_REFERENCE_BYTES"
 ENV_SHM_BYTES: Final = "CHAT_EMBEDS_SHM_BYTES"
 ENV_SHARED_ABOVE_BYTES: Final = "CHAT_EMBEDS_SHARED_ABOVE_BYTES"
 ENV_SHM_DIR: Final = "CHAT_EMBEDS_SHM_DIR"
+ENV_LIFT_ABOVE_BYTES: Final = "CHAT_EMBEDS_LIFT_ABOVE_BYTES"
 ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
 
 DEFAULT_MAX_PARTS: Final = 64
@@ -34,6 +35,8 @@ DEFAULT_REFERENCE_BYTES: Final = 512 * 1024 * 1024
 # below it a socket copy costs less than a segment's system calls.
 DEFAULT_SHARED_ABOVE_BYTES: Final = 1024 * 1024
 DEFAULT_SHM_DIR: Final = "/dev/shm"
+# Part data strings this long or longer skip FastAPI's JSON parser (entrypoints/big_bodies.py).
+DEFAULT_LIFT_ABOVE_BYTES: Final = 1024 * 1024
 
 DroppedPolicy = Literal["error", "warn"]
 
@@ -77,6 +80,7 @@ class Limits:
     shm_bytes: int | None = None
     shared_above_bytes: int = DEFAULT_SHARED_ABOVE_BYTES
     shm_dir: str = DEFAULT_SHM_DIR
+    lift_above_bytes: int = DEFAULT_LIFT_ABOVE_BYTES
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -98,6 +102,7 @@ class Limits:
                 ENV_SHARED_ABOVE_BYTES, DEFAULT_SHARED_ABOVE_BYTES, minimum=0
             ),
             shm_dir=os.environ.get(ENV_SHM_DIR, "").strip() or DEFAULT_SHM_DIR,
+            lift_above_bytes=_int_env(ENV_LIFT_ABOVE_BYTES, DEFAULT_LIFT_ABOVE_BYTES, minimum=0),
         )
 
 

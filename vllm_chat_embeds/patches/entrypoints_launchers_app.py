@@ -3,12 +3,14 @@
 What: ``build_app`` also attaches ``POST /v1/load_soft_prompt`` and ``/v1/unload_soft_prompt``
 (``entrypoints.soft_prompt_routes``), and the row uploads: ``POST /v1/prompt_embeds`` and the
 Files API over rows, ``/v1/files`` (``entrypoints.row_uploads``; not attached where vLLM has a
-``/v1/files`` of its own). Why: vLLM's own way for plugins to add routes, the
-``vllm.endpoint_plugins`` entry point group, loads a plugin only when the operator names it in
-``VLLM_PLUGINS``, which is also the allowlist of general plugins; requiring that for the routes
-of a general plugin would be a trap. ``build_app`` looks ``register_api_routers`` up in its
-module's globals at call time, so wrapping that name reaches it. When it can go: when
-endpoint plugins can be enabled without narrowing the general-plugin allowlist.
+``/v1/files`` of its own); with ``--enable-prompt-embeds``, also the middleware that keeps big
+part strings away from FastAPI's JSON parser (``entrypoints.big_bodies``). Why: vLLM's own way
+for plugins to add routes, the ``vllm.endpoint_plugins`` entry point group, loads a plugin only
+when the operator names it in ``VLLM_PLUGINS``, which is also the allowlist of general plugins;
+requiring that for the routes of a general plugin would be a trap. ``build_app`` looks
+``register_api_routers`` up in its module's globals at call time, so wrapping that name reaches
+it. When it can go: when endpoint plugins can be enabled without narrowing the general-plugin
+allowlist.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def apply(patch: Patch) -> None:
     ) -> None:
         original(args, app, supported_tasks, model_config)
         if "generate" in supported_tasks:
-            from ..entrypoints import row_uploads, soft_prompt_routes
+            from ..entrypoints import big_bodies, row_uploads, soft_prompt_routes
 
             soft_prompt_routes.attach(app, int(getattr(args, "api_server_count", None) or 1))
             row_uploads.attach(app)
+            if getattr(args, "enable_prompt_embeds", False):
+                big_bodies.attach(app)
 
     app_module.register_api_routers = register_api_routers

@@ -19,6 +19,7 @@ from typing import Any, Final, cast
 import torch
 
 from .. import errors
+from ..entrypoints import big_bodies
 from ..errors import reject
 from ..limits import Limits
 from ..payload import PayloadSpec, carried_dtype, decode_payload
@@ -243,7 +244,7 @@ def _check_keys(part: Mapping[str, Any], where: str) -> object:
     if "name" in part:  # a soft prompt's rows, by name (stores/soft_prompts.py)
         return named_part_rows(part, where)
     uuid = _uuid(part, where)  # checked before anything is decoded
-    data = part.get("data")
+    data = big_bodies.resolve(part.get("data"))  # a long string the HTTP layer lifted out
     if data is None and uuid is None:
         reject(errors.DATA_MISSING, where=where)
     return data

@@ -1,0 +1,165 @@
+"""The big-body middleware: which strings it lifts, and that everything else goes on as it came
+(entrypoints/big_bodies.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from vllm_chat_embeds.entrypoints import big_bodies
+
+pytestmark = pytest.mark.unit
+
+BIG = "QUJD" * 200  # 800 characters of base64
+
+
+def _body(obj: object) -> bytearray:
+    return bytearray(json.dumps(obj).encode())
+
+
+def _chat(*parts: dict) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": list(parts)}]}
+
+
+def test_lifts_part_data_and_nothing_else():
+    body = _chat(
+        {"type": "text", "text": "T" * 900},
+        {"type": "prompt_embeds", "data": BIG},
+        {"data": BIG, "type": "prompt_embeds", "encoding": "raw"},
+    )
+    small, strings = big_bodies.lift(_body(body), 0)
+    tree = json.loads(small)
+    parts = tree["messages"][0]["content"]
+    assert parts[0]["text"] == "T" * 900  # a long text stays
+    assert len(strings) == 2 and set(strings.values()) == {BIG}
+    for part in parts[1:]:
+        assert part["data"].startswith(big_bodies.HANDLE_PREFIX)
+        assert strings[part["data"]] == BIG
+    assert len(small) < 900 + 300  # the text, and two handles in place of 1600 characters
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        _chat({"type": "text", "text": "x" * 1000}),  # long, but a text
+        _chat({"type": "image_url", "data": BIG}),  # not a prompt_embeds part
+        {"model": "m", BIG: 1},  # a key
+        _chat({"type": "prompt_embeds", "data": [BIG]}),  # not the data string itself
+    ],
+)
+def test_nothing_to_lift(obj):
+    assert big_bodies.lift(_body(obj), 0) is None
+
+
+def test_escaped_and_non_ascii_strings_stay_for_json():
+    escaped = bytearray(json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode())
+    escaped = escaped.replace(b"QUJD", b"QU\\/D", 1)
+    assert big_bodies.lift(escaped, 0) is None
+    text = _body(_chat({"type": "prompt_embeds", "data": "é" * 400}))
+    assert big_bodies.lift(text, 0) is None
+
+
+def test_not_json_goes_on_as_it_came():
+    broken = _body(_chat({"type": "prompt_embeds", "data": BIG}))[:-2]
+    assert big_bodies.lift(broken, 0) is None
+    unterminated = bytearray(b'{"messages": "' + b"A" * 900)
+    assert big_bodies.lift(unterminated, 0) is None
+
+
+def test_floor_is_respected():
+    body = _body(_chat({"type": "prompt_embeds", "data": BIG}))
+    assert big_bodies.lift(body, len(BIG) + 1) is None
+    assert big_bodies.lift(body, len(BIG)) is not None
+
+
+def test_resolve_unknown_handles_and_other_values():
+    assert (
+        big_bodies.resolve(big_bodies.HANDLE_PREFIX + "nope") == big_bodies.HANDLE_PREFIX + "nope"
+    )
+    assert big_bodies.resolve(None) is None
+    assert big_bodies.resolve("QUJD") == "QUJD"
+
+
+def _run(body: bytes, *, path: str = "/v1/chat/completions", chunk: int = 100, headers=None):
+    """Drive the middleware with ``body`` in chunks; what the inner app received and saw."""
+    seen: dict = {}
+
+    async def inner(scope, receive, send):
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        seen["body"] = b"".join(chunks)
+        seen["resolved"] = {}
+        if seen["body"]:
+            try:
+                tree = json.loads(seen["body"])
+                data = tree["messages"][0]["content"][0].get("data")
+                seen["resolved"] = big_bodies.resolve(data)
+            except (ValueError, KeyError, TypeError, IndexError):
+                pass
+        seen["held_inside"] = big_bodies.held_count()
+
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    messages = [
+        {"type": "http.request", "body": p, "more_body": i < len(pieces) - 1}
+        for i, p in enumerate(pieces)
+    ]
+
+    async def receive():
+        return messages.pop(0)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "headers": headers
+        if headers is not None
+        else [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+    }
+    app = big_bodies.LiftBigParts(inner, floor=0, max_body=1 << 20)
+    asyncio.run(app(scope, receive, lambda message: asyncio.sleep(0)))
+    return seen
+
+
+def test_middleware_hands_the_route_a_small_body_and_cleans_up():
+    body = json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode()
+    seen = _run(body)
+    assert len(seen["body"]) < 200
+    assert seen["resolved"] == BIG
+    assert seen["held_inside"] == 1
+    assert big_bodies.held_count() == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"path": "/v1/completions"},
+        {"headers": [(b"content-type", b"text/plain"), (b"content-length", b"900")]},
+        {"headers": []},  # no declared length (chunked): left alone
+    ],
+)
+def test_middleware_leaves_other_requests_alone(kwargs):
+    body = json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode()
+    seen = _run(body, **kwargs)
+    assert seen["body"] == body
+
+
+def test_middleware_passes_a_body_it_cannot_lift_whole():
+    body = json.dumps(_chat({"type": "text", "text": "x" * 1000})).encode()
+    assert _run(body)["body"] == body
+
+
+def test_floor_comes_from_the_environment(monkeypatch):
+    from vllm_chat_embeds.limits import ENV_LIFT_ABOVE_BYTES, Limits
+
+    assert Limits.from_env().lift_above_bytes == 1024 * 1024
+    monkeypatch.setenv(ENV_LIFT_ABOVE_BYTES, "0")
+    assert Limits.from_env().lift_above_bytes == 0
+    monkeypatch.setenv(ENV_LIFT_ABOVE_BYTES, "-1")
+    with pytest.raises(ValueError, match=ENV_LIFT_ABOVE_BYTES):
+        Limits.from_env()

@@ -1,0 +1,249 @@
+"""Big chat bodies: a part's base64 ``data`` lifted out of the JSON before FastAPI parses it.
+
+Why: FastAPI reads a body as a list of chunks it then joins, and parses it with ``json.loads``,
+which builds every string character by character. For one 8192-row float16 part (an 89 MB
+body) that is about 60 ms of joining and 120-220 ms of parsing, before our own decode starts.
+This ASGI middleware (attached by the ``entrypoints_launchers_app`` patch, inside vLLM's
+``--api-key`` check) reads a chat body straight into one buffer, finds its long strings with
+``bytes.find`` over the quotes (memchr), and passes the body on with a short handle in place of
+each long string that is the ``data`` of a ``prompt_embeds`` part. The part parser swaps the
+handle back (``resolve``, in ``renderers/parts.py``). The string itself is made once, straight
+from the buffer. Anything else (a long text, a body that is not JSON, a string with escapes it
+cannot lift) goes on untouched, so vLLM answers it exactly as without the middleware.
+
+Lifetime: a handle is a random name valid for the one HTTP request that made it; it is dropped
+when the route returns. A handle sent by a client, or left over, is just an invalid base64
+string, answered by the part's usual 400.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+from ..limits import Limits
+from ..log import logger
+
+# The routes whose JSON goes through our part parser.
+LIFTED_PATHS: Final = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/chat/completions/render",
+        "/v1/responses",
+        "/v1/responses/render",
+        "/tokenize",
+    }
+)
+HANDLE_PREFIX: Final = "vce-lifted:"  # ':' is not base64: a stray handle fails as bad base64
+# Past this many strings the body is not a chat with a few big parts: left to json.loads.
+_MAX_STRINGS: Final = 100_000
+# JSON besides the rows a lifted body may carry (messages, tools, settings).
+_BODY_SLACK: Final = 16 * 1024 * 1024
+# Strings shorter than this are never lifted (the part's ``type``, keys, short texts).
+MIN_LIFTED_CHARS: Final = 256
+_QUOTE: Final = ord('"')
+_BACKSLASH: Final = ord("\\")
+
+LIFTING: Final = (
+    "vllm-chat-embeds: prompt_embeds part data of {floor} characters or more skips the JSON "
+    "parser of {paths} (CHAT_EMBEDS_LIFT_ABOVE_BYTES)"
+)
+
+_held: dict[str, str] = {}
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def resolve(value: object) -> object:
+    """The string a handle stands for (anything else as given)."""
+    if isinstance(value, str) and value.startswith(HANDLE_PREFIX):
+        return _held.get(value, value)
+    return value
+
+
+def held_count() -> int:
+    """How many lifted strings are alive (0 between requests; for tests)."""
+    return len(_held)
+
+
+def _long_strings(body: bytearray, floor: int) -> list[tuple[int, int]] | None:
+    """``(start, end)`` of each JSON string of at least ``floor`` bytes, quotes included; None
+    when the body has too many strings to be worth it or ends inside one."""
+    found = []
+    pos = body.find(b'"')
+    count = 0
+    while pos >= 0:
+        count += 1
+        if count > _MAX_STRINGS:
+            return None
+        end = body.find(b'"', pos + 1)
+        while end >= 0:
+            slashes = 0
+            while body[end - 1 - slashes] == _BACKSLASH:
+                slashes += 1
+            if slashes % 2 == 0:
+                break
+            end = body.find(b'"', end + 1)
+        if end < 0:
+            return None
+        if end - pos - 1 >= floor:
+            found.append((pos, end + 1))
+        pos = body.find(b'"', end + 1)
+    return found
+
+
+def _well_placed(tree: object, handles: set[str]) -> set[str]:
+    """The handles in ``tree`` that are the ``data`` of a prompt_embeds part (the others stand
+    for keys, texts or other fields, and go back as they came)."""
+    good: set[str] = set()
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        values = node.values() if isinstance(node, dict) else node
+        for value in values:  # type: ignore[union-attr]
+            if isinstance(value, dict | list):
+                stack.append(value)
+        if isinstance(node, dict) and node.get("type") == "prompt_embeds":
+            data = node.get("data")
+            if isinstance(data, str) and data in handles:
+                good.add(data)
+    return good
+
+
+def _joined(view: memoryview, spans: list[tuple[int, int, str]]) -> bytes:
+    """The body with each span replaced by its handle as a JSON string."""
+    pieces: list[bytes | memoryview] = []
+    last = 0
+    for start, end, handle in spans:
+        pieces += [view[last:start], b'"', handle.encode(), b'"']
+        last = end
+    pieces.append(view[last:])
+    return b"".join(pieces)
+
+
+def lift(body: bytearray, floor: int) -> tuple[bytes, dict[str, str]] | None:
+    """The body with each long part ``data`` string replaced by a handle, and the strings by
+    handle; None when nothing can be lifted (the body then goes on as it came)."""
+    found = _long_strings(body, max(floor, MIN_LIFTED_CHARS))
+    if not found:
+        return None
+    view = memoryview(body)
+    strings: dict[str, str] = {}
+    spans = []
+    for start, end in found:
+        if body.find(b"\\", start, end) >= 0:
+            continue  # escapes inside (such as ``\/``): left for json.loads to read
+        try:
+            text = str(view[start + 1 : end - 1], "ascii")
+        except UnicodeDecodeError:
+            continue
+        handle = HANDLE_PREFIX + secrets.token_urlsafe(18)
+        strings[handle] = text
+        spans.append((start, end, handle))
+    if not spans:
+        return None
+    small = _joined(view, spans)
+    try:
+        tree = json.loads(small)
+    except ValueError:
+        return None  # not JSON: vLLM's own answer, from the body as it came
+    good = _well_placed(tree, set(strings))
+    if not good:
+        return None
+    if len(good) < len(spans):
+        spans = [span for span in spans if span[2] in good]
+        small = _joined(view, spans)
+    return small, {handle: strings[handle] for handle in good}
+
+
+class LiftBigParts:
+    """Pure ASGI middleware (no extra task, so the route runs in the request's own context)."""
+
+    def __init__(self, app: App, floor: int, max_body: int) -> None:
+        self.app = app
+        self.floor = floor
+        self.max_body = max_body
+
+    def _wanted(self, scope: Scope) -> int | None:
+        """The body's declared length when this request's body is worth reading here."""
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            return None
+        if scope.get("path") not in LIFTED_PATHS:
+            return None
+        length = None
+        for name, value in scope.get("headers") or ():
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    return None
+            elif name == b"content-type" and b"json" not in value.lower():
+                return None
+        if length is None or length < self.floor or length > self.max_body:
+            return None
+        return length
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        length = self._wanted(scope)
+        if length is None:
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()  # grows as bytes arrive (a declared length is not trusted)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: say so downstream
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body:  # past what a lift is for: as it came
+                await self.app(scope, _replay([_part(bytes(body))], receive), send)
+                return
+            if not message.get("more_body", False):
+                break
+        lifted = lift(body, self.floor)
+        if lifted is None:
+            await self.app(scope, _replay([_final(bytes(body))], receive), send)
+            return
+        small, strings = lifted
+        del body  # the strings are copies: the body's buffer goes now
+        _held.update(strings)
+        try:
+            await self.app(scope, _replay([_final(small)], receive), send)
+        finally:
+            for handle in strings:
+                _held.pop(handle, None)
+
+
+def _part(body: bytes) -> Message:
+    return {"type": "http.request", "body": body, "more_body": True}
+
+
+def _final(body: bytes) -> Message:
+    return {"type": "http.request", "body": body, "more_body": False}
+
+
+def _replay(first: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that gives ``first`` then defers to the real one (disconnects)."""
+    queue = list(first)
+
+    async def replayed() -> Message:
+        if queue:
+            return queue.pop(0)
+        return await receive()
+
+    return replayed
+
+
+def attach(app: Any, limits: Limits | None = None) -> None:
+    """Add the middleware to vLLM's app (innermost: vLLM's own middlewares come after)."""
+    limits = limits or Limits.from_env()
+    max_body = (limits.max_request_bytes // 3) * 4 + _BODY_SLACK
+    floor = max(limits.lift_above_bytes, MIN_LIFTED_CHARS)
+    app.add_middleware(LiftBigParts, floor=floor, max_body=max_body)
+    logger.info(LIFTING.format(floor=floor, paths=", ".join(sorted(LIFTED_PATHS))))

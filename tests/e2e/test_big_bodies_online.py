@@ -4,8 +4,9 @@
 ``plugin_server`` and ``feature_server`` lift every part's data (``ALL_PARTS_LIFTED``), so the
 parity and hostile tables on them run over the lifted path. Here: the lifted and the unlifted
 path (a body the middleware leaves to ``json.loads``: an escape inside the data) answer alike,
-for each shape, one request and a batch, chat and ``/v1/responses``; and bodies it must not
-touch (stray handles, broken JSON, long texts) get vLLM's or the part's usual answers.
+for each shape, one request and a batch; ``/v1/responses`` is not lifted (vLLM stores its
+input); bodies it must not touch (stray handles, broken JSON, long texts) get vLLM's or the
+part's usual answers.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def test_a_batch_of_lifted_bodies_answers_as_its_texts(plugin_server, table):
     assert got == [texts[n] for n in names]
 
 
-def test_responses_input_is_lifted_too(plugin_server, table):
+def test_responses_input_is_not_lifted_and_answers_as_the_text(plugin_server, table):
+    """vLLM stores a response's input for later turns: handles must not reach it."""
     case = CASES["interleaved"]
 
     def responses_body(messages) -> bytes:

@@ -26,15 +26,11 @@ from typing import Any, Final
 from ..limits import Limits
 from ..log import logger
 
-# The routes whose JSON goes through our part parser.
+# The stateless routes whose JSON goes through our part parser. Not /v1/responses: vLLM
+# stores a response's input for later turns (previous_response_id), and a handle lives for one
+# HTTP request only.
 LIFTED_PATHS: Final = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/chat/completions/render",
-        "/v1/responses",
-        "/v1/responses/render",
-        "/tokenize",
-    }
+    {"/v1/chat/completions", "/v1/chat/completions/render", "/tokenize"}
 )
 HANDLE_PREFIX: Final = "vce-lifted:"  # ':' is not base64: a stray handle fails as bad base64
 # Past this many strings the body is not a chat with a few big parts: left to json.loads.

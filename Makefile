@@ -75,11 +75,19 @@ serve: demo-model
 	$(BIN)/vllm serve $(DEMO_MODEL) --served-model-name smollm2 --enable-prompt-embeds \
 		--host $(HOST) --port $(PORT) $(CPU_FLAGS)
 
-# Both vLLM series, one after the other: the full suite on 0.32, then the end-to-end core on
-# the 0.33 harness (built first, so a broken harness fails before the long run).
+# Both vLLM series side by side (the tests mostly wait on servers starting up, one core
+# each): the full suite on 0.32, and the end-to-end core on the 0.33 harness (built first, so
+# a broken harness fails before the long run), whose output follows the 0.32 run's.
+CORE_LOG := $(MODELS)/test-vllm033.log
 test: install venv-vllm033
-	$(BIN)/python -m pytest
-	$(VENV033)/bin/python -m pytest $(CORE_TESTS)
+	@mkdir -p $(MODELS)
+	@$(VENV033)/bin/python -m pytest $(CORE_TESTS) > $(CORE_LOG) 2>&1 & core=$$!; \
+	trap 'kill $$core 2>/dev/null' INT TERM; \
+	$(BIN)/python -m pytest; full=$$?; \
+	wait $$core; harness=$$?; \
+	echo "=== vLLM 0.33 harness: the end-to-end core ($(CORE_LOG)) ==="; cat $(CORE_LOG); \
+	echo "=== vLLM 0.32: exit $$full; vLLM 0.33 harness: exit $$harness ==="; \
+	test $$full -eq 0 -a $$harness -eq 0
 
 test-vllm032: install
 	$(BIN)/python -m pytest

@@ -8,6 +8,7 @@ non-empty folder that is not ours is never touched.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -65,15 +66,38 @@ def build_once(
     check: Callable[[Path], None],
     log: Callable[[str], None],
 ) -> None:
-    """Run ``make(tmp)`` then ``check(tmp)`` and move the result to ``out``, unless up to date."""
+    """Run ``make(tmp)`` then ``check(tmp)`` and move the result to ``out``, unless up to date.
+
+    One build at a time per output (a lock file beside it): suites running side by side
+    (``make test``) ask for the same models, and a second build must not replace the first
+    while a server reads it."""
     out = out.resolve()
     if is_complete(out, builder, params):
         log(f"up to date: {out}")
         return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(out, builder, params):  # built by another process meanwhile
+            log(f"up to date: {out}")
+            return
+        _build(out, builder=builder, params=params, expected_files=expected_files,
+               make=make, check=check, log=log)  # fmt: skip
+
+
+def _build(
+    out: Path,
+    *,
+    builder: str,
+    params: dict[str, Any],
+    expected_files: Iterable[str],
+    make: Callable[[Path], None],
+    check: Callable[[Path], None],
+    log: Callable[[str], None],
+) -> None:
     if out.exists() and any(out.iterdir()) and read_stamp(out, builder) is None:
         raise SystemExit(f"{out} exists, is not empty and holds no build stamp; not touching it")
     start = time.monotonic()
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         make(tmp)

@@ -8,11 +8,15 @@ The tiny test model is random, so the answers are gibberish, but deterministic.
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from conftest import REPO, server_env
@@ -27,20 +31,12 @@ TINY_ARGS += ["--max-tokens", "16"]
 LINE = re.compile(r"^(\w+) (answer|prompt_tokens): (.*)$")
 
 
-def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> dict[str, dict]:
-    """Run ``examples/<name>``; return ``{"answer": {label: text}, "prompt_tokens": {...}}``."""
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=env or {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
-        cwd=REPO,
-    )
-    output = f"--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-4000:]}"
-    assert done.returncode == 0, output
+OFFLINE_HUB = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _answers(stdout: str) -> dict[str, dict]:
     found: dict[str, dict] = {"answer": {}, "prompt_tokens": {}}
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         match = LINE.match(line)
         if match:
             label, kind, value = match.groups()
@@ -48,8 +44,39 @@ def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> dic
     return found
 
 
+def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Run ``examples/<name>`` in a process of its own (an example that starts an engine);
+    return ``{"answer": {label: text}, "prompt_tokens": {...}}``."""
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        env=env or {**os.environ, **OFFLINE_HUB},
+        cwd=REPO,
+    )
+    output = f"--- stdout ---\n{done.stdout[-4000:]}\n--- stderr ---\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, output
+    return _answers(done.stdout)
+
+
+def run_client_example(name: str, *args: str) -> dict[str, dict]:
+    """Run a client example (one that talks to a server) as ``python examples/<name>`` would,
+    in this process: the same ``__main__``, argv and output, without a new interpreter's
+    imports of torch and transformers for each example."""
+    out = io.StringIO()
+    argv = [str(EXAMPLES / name), *args]
+    with mock.patch.object(sys, "argv", argv), mock.patch.dict(os.environ, OFFLINE_HUB):
+        with contextlib.redirect_stdout(out), contextlib.chdir(REPO):
+            try:
+                runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+            except SystemExit as stop:
+                assert stop.code in (0, None), f"exit {stop.code}:\n{out.getvalue()[-4000:]}"
+    return _answers(out.getvalue())
+
+
 def test_online_example_matches_text(plugin_server, tiny_model: Path):
-    found = run_example(
+    found = run_client_example(
         "online_chat.py",
         "--model-dir", str(tiny_model),
         "--base-url", plugin_server.base_url + "/v1",
@@ -66,7 +93,7 @@ def test_online_example_matches_text(plugin_server, tiny_model: Path):
 
 
 def test_online_example_on_the_responses_api_matches_text(plugin_server, tiny_model: Path):
-    found = run_example(
+    found = run_client_example(
         "online_chat.py",
         "--model-dir", str(tiny_model),
         "--base-url", plugin_server.base_url + "/v1",
@@ -82,7 +109,7 @@ def test_online_example_on_the_responses_api_matches_text(plugin_server, tiny_mo
 
 
 def test_online_example_finds_the_served_model(plugin_server, tiny_model: Path):
-    answers = run_example(
+    answers = run_client_example(
         "online_chat.py",
         "--model-dir", str(tiny_model),
         "--base-url", plugin_server.base_url + "/v1",
@@ -105,7 +132,7 @@ def test_offline_example_tensor_raw_torch_and_text_agree(tiny_model: Path, tmp_p
 
 def test_multi_turn_example_by_reference_matches_text(plugin_server, tiny_model: Path):
     """The part goes once with data, then by uuid; every turn answers as the text chat."""
-    found = run_example(
+    found = run_client_example(
         "multi_turn_chat.py",
         "--model-dir", str(tiny_model),
         "--base-url", plugin_server.base_url + "/v1",
@@ -126,7 +153,7 @@ def test_client_shapes_example_matches_text(plugin_server, tiny_model: Path):
     """file_data, the Files API, the binary upload and Conversation(shape="file") all answer
     as the text the rows stand for (on /v1/responses too: ``--api responses``, run by hand;
     test_row_uploads_online.py covers those shapes there)."""
-    found = run_example(
+    found = run_client_example(
         "clients/openai_file_parts.py",
         "--model-dir", str(tiny_model),
         "--base-url", plugin_server.base_url + "/v1",

@@ -209,7 +209,8 @@ UPLOAD_REFERENCES_OFF: Final = (
 )
 UPLOAD_OVER_STORE: Final = (
     "{where}: the rows take {size} bytes, more than this server keeps by reference "
-    "(CHAT_EMBEDS_REFERENCE_BYTES={limit}); send them inline as a prompt_embeds part."
+    "({limit} bytes per API server process: CHAT_EMBEDS_REFERENCE_BYTES shared among "
+    "--api-server-count); send them inline as a prompt_embeds part."
 )
 FILE_FORM: Final = (
     "POST /v1/files takes a multipart form with a 'file' field (the rows file) and a "

@@ -163,3 +163,48 @@ def test_floor_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(ENV_LIFT_ABOVE_BYTES, "-1")
     with pytest.raises(ValueError, match=ENV_LIFT_ABOVE_BYTES):
         Limits.from_env()
+
+
+def _drive(messages: list[dict], declared: int) -> list[dict]:
+    """What the route receives when the client sends ``messages`` under ``declared`` length."""
+    got: list[dict] = []
+
+    async def inner(scope, receive, send):
+        while True:
+            message = await receive()
+            got.append(message)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+    queue = list(messages)
+
+    async def receive():
+        return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % declared)],
+    }
+    app = big_bodies.LiftBigParts(inner, floor=0, max_body=1 << 20)
+    asyncio.run(app(scope, receive, lambda message: asyncio.sleep(0)))
+    return got
+
+
+def test_a_client_leaving_mid_body_is_a_disconnect_for_the_route():
+    body = json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode()
+    got = _drive([{"type": "http.request", "body": body[:300], "more_body": True}], len(body))
+    assert got[-1]["type"] == "http.disconnect"
+    assert big_bodies.held_count() == 0
+
+
+def test_more_bytes_than_declared_go_on_as_they_came():
+    body = json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode()
+    messages = [
+        {"type": "http.request", "body": body[:500], "more_body": True},
+        {"type": "http.request", "body": body[500:], "more_body": False},
+    ]
+    got = _drive(messages, 600)
+    assert b"".join(m["body"] for m in got) == body
+    assert got[-1]["more_body"] is False

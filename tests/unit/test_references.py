@@ -322,3 +322,18 @@ def test_engine_input_carries_digests_of_kept_rows_only() -> None:
     assert both[SPAN_DIGESTS_KEY] == [[2, digest], [1, None]]  # type: ignore[typeddict-item]
     assert SPAN_DIGESTS_KEY not in build_embeds_input([5, ph, 6], [fresh], ph)
     assert SPAN_DIGESTS_KEY not in build_embeds_input(ids, [kept, fresh], ph, compact=False)
+
+
+def test_api_servers_share_the_bound(monkeypatch):
+    """Each of N API servers keeps 1/N of CHAT_EMBEDS_REFERENCE_BYTES: the machine's total."""
+    monkeypatch.setenv(ENV_REFERENCE_BYTES, str(1 << 20))
+    try:
+        references.share_among(2)
+        assert references.process_bytes() == 1 << 19
+        assert references.process_store().capacity == 1 << 19
+        from vllm_chat_embeds.stores import engine_rows
+
+        assert engine_rows.new_sender().capacity == 1 << 19
+    finally:
+        references.share_among(1)
+    assert references.process_store().capacity == 1 << 20

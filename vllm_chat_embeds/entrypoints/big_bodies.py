@@ -19,6 +19,7 @@ string, answered by the part's usual 400.
 from __future__ import annotations
 
 import json
+import mmap
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
@@ -39,7 +40,6 @@ _MAX_STRINGS: Final = 100_000
 _BODY_SLACK: Final = 16 * 1024 * 1024
 # Strings shorter than this are never lifted (the part's ``type``, keys, short texts).
 MIN_LIFTED_CHARS: Final = 256
-_QUOTE: Final = ord('"')
 _BACKSLASH: Final = ord("\\")
 
 LIFTING: Final = (
@@ -49,6 +49,7 @@ LIFTING: Final = (
 
 _held: dict[str, str] = {}
 
+Buffer = bytes | bytearray | mmap.mmap
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -68,7 +69,7 @@ def held_count() -> int:
     return len(_held)
 
 
-def _long_strings(body: bytearray, floor: int) -> list[tuple[int, int]] | None:
+def _long_strings(body: Buffer, floor: int) -> list[tuple[int, int]] | None:
     """``(start, end)`` of each JSON string of at least ``floor`` bytes, quotes included; None
     when the body has too many strings to be worth it or ends inside one."""
     found = []
@@ -123,7 +124,7 @@ def _joined(view: memoryview, spans: list[tuple[int, int, str]]) -> bytes:
     return b"".join(pieces)
 
 
-def lift(body: bytearray, floor: int) -> tuple[bytes, dict[str, str]] | None:
+def lift(body: Buffer, floor: int) -> tuple[bytes, dict[str, str]] | None:
     """The body with each long part ``data`` string replaced by a handle, and the strings by
     handle; None when nothing can be lifted (the body then goes on as it came)."""
     found = _long_strings(body, max(floor, MIN_LIFTED_CHARS))
@@ -166,8 +167,8 @@ class LiftBigParts:
         self.floor = floor
         self.max_body = max_body
 
-    def _wanted(self, scope: Scope) -> int | None:
-        """The body's declared length when this request's body is worth reading here."""
+    def _declared_length(self, scope: Scope) -> int | None:
+        """The body's declared length, when this request's body is worth reading here."""
         if scope.get("type") != "http" or scope.get("method") != "POST":
             return None
         if scope.get("path") not in LIFTED_PATHS:
@@ -186,38 +187,50 @@ class LiftBigParts:
         return length
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        length = self._wanted(scope)
+        length = self._declared_length(scope)
         if length is None:
             await self.app(scope, receive, send)
             return
-        body = bytearray()  # grows as bytes arrive (a declared length is not trusted)
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left: say so downstream
-                await self.app(scope, _replay([message], receive), send)
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body:  # past what a lift is for: as it came
-                await self.app(scope, _replay([_part(bytes(body))], receive), send)
-                return
-            if not message.get("more_body", False):
-                break
-        lifted = lift(body, self.floor)
-        if lifted is None:
-            await self.app(scope, _replay([_final(bytes(body))], receive), send)
-            return
-        small, strings = lifted
-        del body  # the strings are copies: the body's buffer goes now
+        # An anonymous mapping, not a heap buffer: its pages are touched only as bytes arrive
+        # (a declared length costs nothing until sent) and go back to the system when closed,
+        # before the route runs (a 20-90 MB heap buffer would stay in the process).
+        body = mmap.mmap(-1, length)
+        try:
+            first, strings = await self._read(body, length, receive)
+        finally:
+            try:
+                body.close()
+            except BufferError:  # a view still alive: the mapping goes with it
+                pass
         _held.update(strings)
         try:
-            await self.app(scope, _replay([_final(small)], receive), send)
+            await self.app(scope, _replay([first], receive), send)
         finally:
             for handle in strings:
                 _held.pop(handle, None)
 
-
-def _part(body: bytes) -> Message:
-    return {"type": "http.request", "body": body, "more_body": True}
+    async def _read(
+        self, body: mmap.mmap, length: int, receive: Receive
+    ) -> tuple[Message, dict[str, str]]:
+        """The first message the route gets (the body as it came, or lifted), and the lifted
+        strings by handle."""
+        got = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: say so downstream
+                return message, {}
+            chunk = message.get("body", b"")
+            if got + len(chunk) > length:  # more than declared: as it came, for vLLM to judge
+                return {**message, "body": body[:got] + chunk}, {}
+            body[got : got + len(chunk)] = chunk
+            got += len(chunk)
+            if not message.get("more_body", False):
+                break
+        lifted = lift(body, self.floor) if got == length else None
+        if lifted is None:
+            return _final(body[:got]), {}
+        small, strings = lifted
+        return _final(small), strings
 
 
 def _final(body: bytes) -> Message:

@@ -29,9 +29,9 @@ from typing import Any, Final, TypeVar
 
 import torch
 
-from ..limits import Limits
 from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 from ..transport import shared_rows
+from . import references
 
 T = TypeVar("T")
 
@@ -165,9 +165,9 @@ def span_digests(params: Any) -> list[tuple[int, str | None]] | None:
 
 
 def new_sender() -> HeldRows:
-    """A sender's record, with the budget it lets its receivers hold
-    (``CHAT_EMBEDS_REFERENCE_BYTES``; 0: none)."""
-    return HeldRows(Limits.from_env().reference_bytes)
+    """A sender's record, with the budget it lets its receivers hold (this process's share of
+    ``CHAT_EMBEDS_REFERENCE_BYTES``, ``references.process_bytes``; 0: none)."""
+    return HeldRows(references.process_bytes())
 
 
 def outgoing(

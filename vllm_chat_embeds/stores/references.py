@@ -144,14 +144,31 @@ class ReferenceStore:
 
 _store: ReferenceStore | None = None
 _store_lock = threading.Lock()
+_sharing = 1  # processes that each keep a store under the one bound (share_among)
+
+
+def share_among(processes: int) -> None:
+    """Size this process's store as its share of ``CHAT_EMBEDS_REFERENCE_BYTES`` among
+    ``processes`` API servers (``--api-server-count``). Why: each keeps a store of its own, and
+    the engine core and workers map the same shared rows, so the shares bound the machine's
+    total."""
+    global _sharing, _store
+    with _store_lock:
+        _sharing = max(1, processes)
+        _store = None  # made again on first use, at the new size
+
+
+def process_bytes() -> int:
+    """What this process's store (and, beside the engine, its kept rows) may hold."""
+    return Limits.from_env().reference_bytes // _sharing
 
 
 def process_store() -> ReferenceStore:
-    """This process's store, sized by ``CHAT_EMBEDS_REFERENCE_BYTES`` on first use."""
+    """This process's store, sized by ``process_bytes()`` on first use."""
     global _store
     with _store_lock:
         if _store is None:
-            _store = ReferenceStore(Limits.from_env().reference_bytes)
+            _store = ReferenceStore(process_bytes())
         return _store
 
 

@@ -18,6 +18,8 @@ string, answered by the part's usual 400.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import mmap
 import secrets
@@ -47,6 +49,11 @@ LIFTING: Final = (
     "parser of {paths} (CHAT_EMBEDS_LIFT_ABOVE_BYTES)"
 )
 
+# After a request whose lifted strings took this much, the heap's free pages go back to the
+# system: glibc keeps freed blocks of up to 32 MiB in the heap once it has seen bigger ones
+# freed, so every 20-90 MB string a big part passes through would otherwise stay resident.
+TRIM_AFTER_BYTES: Final = 8 * 1024 * 1024
+
 _held: dict[str, str] = {}
 
 Buffer = bytes | bytearray | mmap.mmap
@@ -62,6 +69,18 @@ def resolve(value: object) -> object:
     if isinstance(value, str) and value.startswith(HANDLE_PREFIX):
         return _held.get(value, value)
     return value
+
+
+def _heap_trimmer() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+_trim = _heap_trimmer()
 
 
 def held_count() -> int:
@@ -208,6 +227,9 @@ class LiftBigParts:
         finally:
             for handle in strings:
                 _held.pop(handle, None)
+            if _trim is not None and sum(map(len, strings.values())) >= TRIM_AFTER_BYTES:
+                del strings
+                _trim(0)
 
     async def _read(
         self, body: mmap.mmap, length: int, receive: Receive

@@ -9,7 +9,9 @@ This ASGI middleware (attached by the ``entrypoints_launchers_app`` patch, insid
 each long string that is the ``data`` of a ``prompt_embeds`` part. The part parser swaps the
 handle back (``resolve``, in ``renderers/parts.py``). The string itself is made once, straight
 from the buffer. Anything else (a long text, a body that is not JSON, a string with escapes it
-cannot lift) goes on untouched, so vLLM answers it exactly as without the middleware.
+cannot lift) goes on untouched, so vLLM answers it exactly as without the middleware. One
+difference: a raw control character inside a lifted string (JSON forbids them) reaches the
+part parser with the base64 and gets the part's 400 (not base64), not FastAPI's JSON error.
 
 Lifetime: a handle is a random name valid for the one HTTP request that made it; it is dropped
 when the route returns. A handle sent by a client, or left over, is just an invalid base64

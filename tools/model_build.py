@@ -14,7 +14,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,16 @@ def _make_readable(build: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+@contextmanager
+def _one_build_at_a_time(out: Path) -> Iterator[None]:
+    """A lock file beside ``out``: suites running side by side (``make test``) ask for the same
+    models, and a second build must not replace the first while a server reads it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def build_once(
     out: Path,
     *,
@@ -66,52 +77,35 @@ def build_once(
     check: Callable[[Path], None],
     log: Callable[[str], None],
 ) -> None:
-    """Run ``make(tmp)`` then ``check(tmp)`` and move the result to ``out``, unless up to date.
-
-    One build at a time per output (a lock file beside it): suites running side by side
-    (``make test``) ask for the same models, and a second build must not replace the first
-    while a server reads it."""
+    """Run ``make(tmp)`` then ``check(tmp)`` and move the result to ``out``, unless up to date
+    (checked again once the lock is held: another process may have built it meanwhile)."""
     out = out.resolve()
     if is_complete(out, builder, params):
         log(f"up to date: {out}")
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_complete(out, builder, params):  # built by another process meanwhile
+    with _one_build_at_a_time(out):
+        if is_complete(out, builder, params):
             log(f"up to date: {out}")
             return
-        _build(out, builder=builder, params=params, expected_files=expected_files,
-               make=make, check=check, log=log)  # fmt: skip
-
-
-def _build(
-    out: Path,
-    *,
-    builder: str,
-    params: dict[str, Any],
-    expected_files: Iterable[str],
-    make: Callable[[Path], None],
-    check: Callable[[Path], None],
-    log: Callable[[str], None],
-) -> None:
-    if out.exists() and any(out.iterdir()) and read_stamp(out, builder) is None:
-        raise SystemExit(f"{out} exists, is not empty and holds no build stamp; not touching it")
-    start = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        make(tmp)
-        missing = [name for name in expected_files if not (tmp / name).is_file()]
-        if missing:
-            raise RuntimeError(f"build is missing {missing}")
-        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        stamp = {"builder": builder, "params": params, "files": files}
-        (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
-        check(tmp)
-        _make_readable(tmp)
-        if out.exists():
-            shutil.rmtree(out)  # a stale build of ours (checked above)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"wrote {out} in {time.monotonic() - start:.1f}s")
+        if out.exists() and any(out.iterdir()) and read_stamp(out, builder) is None:
+            raise SystemExit(
+                f"{out} exists, is not empty and holds no build stamp; not touching it"
+            )
+        start = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            make(tmp)
+            missing = [name for name in expected_files if not (tmp / name).is_file()]
+            if missing:
+                raise RuntimeError(f"build is missing {missing}")
+            files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+            stamp = {"builder": builder, "params": params, "files": files}
+            (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
+            check(tmp)
+            _make_readable(tmp)
+            if out.exists():
+                shutil.rmtree(out)  # a stale build of ours (checked above)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"wrote {out} in {time.monotonic() - start:.1f}s")

@@ -225,7 +225,7 @@ class LiftBigParts:
                 pass
         _held.update(strings)
         try:
-            await self.app(scope, _replay([first], receive), send)
+            await self.app(scope, _replay(first, receive), send)
         finally:
             for handle in strings:
                 _held.pop(handle, None)
@@ -261,14 +261,12 @@ def _final(body: bytes) -> Message:
     return {"type": "http.request", "body": body, "more_body": False}
 
 
-def _replay(first: list[Message], receive: Receive) -> Receive:
+def _replay(first: Message, receive: Receive) -> Receive:
     """A ``receive`` that gives ``first`` then defers to the real one (disconnects)."""
-    queue = list(first)
+    pending = [first]
 
     async def replayed() -> Message:
-        if queue:
-            return queue.pop(0)
-        return await receive()
+        return pending.pop() if pending else await receive()
 
     return replayed
 

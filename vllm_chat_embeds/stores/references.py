@@ -95,10 +95,12 @@ class ReferenceStore:
         ``owned``: ``rows`` are a contiguous tensor nobody else holds, kept without a copy.
         """
         nbytes = rows.numel() * rows.element_size()
-        with self._lock:
-            self._forget(uuid)
         if nbytes > self.capacity:  # also when the store is off (capacity 0)
+            with self._lock:
+                self._forget(uuid)
             return rows
+        # The old rows stay readable while the new ones are copied: a concurrent request
+        # naming the uuid gets the old rows (it came first) instead of a miss.
         kept = _own_rows(rows, owned)  # copied outside the lock: other requests go on meanwhile
         with self._lock:
             self._forget(uuid)  # a concurrent put of the same uuid: the last one wins

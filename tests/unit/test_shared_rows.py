@@ -6,6 +6,7 @@ one, else a plain directory: the calls are the same), so names are counted exact
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import subprocess
@@ -81,6 +82,33 @@ def test_a_kept_link_is_passed_on_and_retired(shm, tmp_path: Path) -> None:
     assert torch.equal(worker, engine_core)
     shm.retire([wire[0]])
     assert len(names(tmp_path)) == 1  # only the creator's segment
+
+
+def test_an_abort_frees_rows_that_only_a_dead_tracebacks_cycle_holds(shm, tmp_path) -> None:
+    """As vLLM's ``generate`` frame does when a client goes away: the rows stay reachable
+    from the exception's traceback cycle, so their name would wait for an automatic
+    collection; ``collect_soon`` (called on every abort) runs one a second later."""
+
+    def failing_request() -> None:
+        prompt = {"prompt_embeds": shared_rows.empty((4, 8), torch.float32)}
+        try:
+            raise RuntimeError("client went away")
+        except RuntimeError as exc:
+            prompt["error"] = exc  # the cycle: exception -> traceback -> frame -> prompt
+
+    async def abort() -> None:
+        failing_request()
+        assert len(names(tmp_path)) == 1
+        shared_rows.collect_soon()
+        shared_rows.collect_soon()  # coalesced: one collection pending
+        await asyncio.sleep(shared_rows.COLLECT_AFTER_ABORT_S + 0.5)
+
+    gc.disable()  # no automatic collection in between: only the scheduled one runs
+    try:
+        asyncio.run(abort())
+    finally:
+        gc.enable()
+    assert names(tmp_path) == []
 
 
 def test_rows_not_in_a_segment_are_sent_as_bytes(shm) -> None:

@@ -158,8 +158,14 @@ MANIFEST: Final = (
     Patch(
         name="v1_engine_core_client",
         target="vllm.v1.engine.core_client",
-        attributes=("SyncMPClient._send_input", "AsyncMPClient._send_input"),
-        why="references: send the engine core only the kept rows it does not hold yet",
+        attributes=(
+            "SyncMPClient._send_input",
+            "AsyncMPClient._send_input",
+            "AsyncMPClient.abort_requests_async",
+            "DPLBAsyncMPClient.abort_requests_async",
+        ),
+        why="references: send the engine core only the kept rows it does not hold yet; free "
+        "an aborted request's shared rows soon",
     ),
     Patch(
         name="v1_engine_core",

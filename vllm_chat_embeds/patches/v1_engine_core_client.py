@@ -5,7 +5,10 @@ it) serialise an added request without its rows when the engine core can do with
 the handle of the shared memory they lie in (``transport/shared_rows.py``), when the engine
 cores listen on this machine (an ``ipc://`` input socket), or with only the rows its engine
 core does not hold yet, and the wire that says which (``stores/engine_rows.py``); the engine
-core puts the rows back (``v1_engine_core``). One ``HeldRows`` per client and engine: the send
+core puts the rows back (``v1_engine_core``). ``AsyncMPClient.abort_requests_async`` (and the
+load-balancing DP client's own) also asks for a cycle collection soon after, so an aborted
+request's shared rows are freed although a traceback cycle holds them
+(``shared_rows.collect_soon``). One ``HeldRows`` per client and engine: the send
 to one engine over one socket is the order that engine reads in. Why: a big part's rows
 otherwise cross to the engine core as bytes, and a part referred to by uuid on every turn.
 When it can go: when vLLM's engine requests can carry embedding rows by content hash or by a
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..stores.engine_rows import attached, new_sender, rows_left_behind
+from ..transport.shared_rows import collect_soon
 from . import Patch, check
 
 
@@ -39,6 +43,8 @@ def apply(patch: Patch) -> None:
         {
             "SyncMPClient._send_input": ("self", "request_type", "request"),
             "AsyncMPClient._send_input": ("self", "request_type", "request", "engine"),
+            "AsyncMPClient.abort_requests_async": ("self", "request_ids"),
+            "DPLBAsyncMPClient.abort_requests_async": ("self", "request_ids"),
         },
     )
     from vllm.v1.engine import EngineCoreRequest, EngineCoreRequestType
@@ -63,3 +69,18 @@ def apply(patch: Patch) -> None:
 
     wrap(module.SyncMPClient)
     wrap(module.AsyncMPClient)
+
+    def collect_after(cls: Any) -> None:
+        original = cls.abort_requests_async
+
+        async def abort_requests_async(self: Any, request_ids: Any, *args: Any, **kw: Any) -> Any:
+            try:
+                return await original(self, request_ids, *args, **kw)
+            finally:
+                collect_soon()
+
+        cls.abort_requests_async = abort_requests_async
+
+    collect_after(module.AsyncMPClient)
+    if "abort_requests_async" in vars(module.DPLBAsyncMPClient):
+        collect_after(module.DPLBAsyncMPClient)

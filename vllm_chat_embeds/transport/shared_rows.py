@@ -27,6 +27,11 @@ Who owns what (the lifetimes):
 - **Memory** stays while any mapping does: the creator's store, a request in the engine core,
   a worker's request state. Receivers map copy-on-write, so no process can change another's
   rows.
+- **Aborts**: an aborted or failed request's rows can stay reachable from a reference cycle
+  (the exception's traceback holds vLLM's ``generate`` frame, which holds the prompt), which
+  CPython frees only when its collector runs, and an idle server may not run it for long. So
+  the API server's engine client calls ``collect_soon`` on every abort: one collection a
+  second after it (coalesced, only while this process has segments made).
 - **Death**: a creator unlinks every name it made at exit; every process of the plugin
   removes, at its exit, names of creators of this host that are gone (vLLM's launcher kills
   its API server processes outright, and the launcher is left), and a creator starting up
@@ -38,7 +43,9 @@ Who owns what (the lifetimes):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import gc
 import itertools
 import mmap
 import multiprocessing.util
@@ -383,6 +390,30 @@ def _remove(path: Path) -> None:
 
 _process: _SharedRows | None = None
 _process_lock = threading.Lock()
+# How long after an abort the collector runs: the aborted request's exception has unwound.
+COLLECT_AFTER_ABORT_S: Final = 1.0
+_collect_pending = False
+
+
+def collect_soon() -> None:
+    """After an abort, run CPython's cycle collector once, shortly, if this process has
+    segments made: rows held only by a dead request's traceback are then freed, and their
+    names go, without waiting for the next automatic collection. At most one is pending."""
+    global _collect_pending
+    if _collect_pending or _process is None or not _process.made_bytes():
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # no event loop (the offline LLM): its own collections run with its work
+    _collect_pending = True
+    loop.call_later(COLLECT_AFTER_ABORT_S, _collect)
+
+
+def _collect() -> None:
+    global _collect_pending
+    _collect_pending = False
+    gc.collect()
 
 
 def process_rows() -> _SharedRows:

@@ -5,14 +5,16 @@ it) serialise an added request without its rows when the engine core can do with
 the handle of the shared memory they lie in (``transport/shared_rows.py``), when the engine
 cores listen on this machine (an ``ipc://`` input socket), or with only the rows its engine
 core does not hold yet, and the wire that says which (``stores/engine_rows.py``); the engine
-core puts the rows back (``v1_engine_core``). ``AsyncMPClient.abort_requests_async`` (and the
-load-balancing DP client's own) also asks for a cycle collection soon after, so an aborted
-request's shared rows are freed although a traceback cycle holds them
-(``shared_rows.collect_soon``). One ``HeldRows`` per client and engine: the send
+core puts the rows back (``v1_engine_core``). One ``HeldRows`` per client and engine: the send
 to one engine over one socket is the order that engine reads in. Why: a big part's rows
 otherwise cross to the engine core as bytes, and a part referred to by uuid on every turn.
 When it can go: when vLLM's engine requests can carry embedding rows by content hash or by a
 shared-memory handle, as its multimodal caches do for media.
+
+Also ``AsyncMPClient.abort_requests_async`` (and the load-balancing DP client's own): each abort
+asks for a cycle collection soon after (``shared_rows.collect_soon``), so an aborted request's
+shared rows are freed although its traceback's cycle still holds them. When it can go: when
+vLLM's ``generate`` no longer leaves the prompt in a reference cycle on abort.
 """
 
 from __future__ import annotations

@@ -62,6 +62,44 @@ def vllm_cache_root() -> Iterator[str]:
         yield root
 
 
+# vLLM's TP CPU communicator (``--tensor-parallel-size 2`` on CPU) makes segments named
+# ``vllm_dist_<ident>-tp:...-cpushm_<rank>`` and leaves them in /dev/shm when its workers are
+# stopped (vLLM's own leak, docs/upstream.md); the suite removes the ones its servers made.
+SHM = Path("/dev/shm")
+VLLM_SEGMENT_PREFIX = "vllm_dist_"
+
+
+def shm_names(prefix: str) -> set[str]:
+    return {p.name for p in SHM.iterdir() if p.name.startswith(prefix)} if SHM.is_dir() else set()
+
+
+def shm_names_in_use() -> set[str]:
+    """Names in /dev/shm that some process still maps or holds open (others' are unreadable)."""
+    used: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for line in (proc / "maps").read_text().splitlines():
+                if "/dev/shm/" in line:
+                    used.add(line.rsplit("/dev/shm/", 1)[1].removesuffix(" (deleted)"))
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("/dev/shm/"):
+                    used.add(target.removeprefix("/dev/shm/"))
+        except OSError:
+            continue
+    return used
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_vllm_segments_left() -> Iterator[None]:
+    before = shm_names(VLLM_SEGMENT_PREFIX)
+    yield
+    for name in shm_names(VLLM_SEGMENT_PREFIX) - before - shm_names_in_use():
+        (SHM / name).unlink(missing_ok=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -14,11 +14,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_ROWS_SHARED
+from conftest import ALL_ROWS_SHARED, shm_names
 
 from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX
 
@@ -62,10 +61,6 @@ print("RESULT " + json.dumps({k: [list(v) for v in vs] for k, vs in result.items
 """
 
 
-def shared_names() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(NAME_PREFIX)}
-
-
 def test_llm_chat_by_reference_with_a_multiprocess_engine(
     tiny_model, table, vllm_cache_root, tmp_path
 ):
@@ -77,7 +72,7 @@ def test_llm_chat_by_reference_with_a_multiprocess_engine(
         "VLLM_CACHE_ROOT": vllm_cache_root,
         **ALL_ROWS_SHARED,
     }
-    before = shared_names()
+    before = shm_names(NAME_PREFIX)
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tiny_model), str(rows_path)],
         env=env,
@@ -93,4 +88,4 @@ def test_llm_chat_by_reference_with_a_multiprocess_engine(
     assert result["by_uuid"] == [first, second, first, second]
     assert result["held"] in ([], [[0]])  # no copies kept beside the engine core
     assert "rows arrive through shared memory" in done.stdout + done.stderr
-    assert shared_names() <= before
+    assert shm_names(NAME_PREFIX) <= before

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from uuid import uuid4
 
 import pytest
 import requests
 from chat_cases import CASES, as_text, render
-from conftest import ALL_ROWS_SHARED, run_server, server_env
+from conftest import ALL_ROWS_SHARED, run_server, server_env, shm_names
 
 import vllm_chat_embeds
 from vllm_chat_embeds.client import Conversation
@@ -83,10 +82,6 @@ def active_processes(server, pattern: str, said: str | None = None) -> set[str]:
     }
 
 
-def shared_names() -> set[str]:
-    return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(NAME_PREFIX)}
-
-
 def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_root):
     """One start for two configurations: both frontends and both TP workers run the plugin.
     Rows go through shared memory (both hops: each API server to the engine core, the engine
@@ -94,7 +89,7 @@ def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_
     extra = {**ONE_CORE_PER_RANK, **ALL_ROWS_SHARED}
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     args = ["--enable-prompt-embeds", "--tensor-parallel-size", "2", "--api-server-count", "2"]
-    before = shared_names()
+    before = shm_names(NAME_PREFIX)
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table, copies=12)
         check_references(server, table)
@@ -103,7 +98,7 @@ def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_
         arrived = active_processes(server, r"[^)]*", "rows arrive through shared memory")
         assert len([p for p in arrived if "Worker" in p]) == 2, server.tail(80)
         assert not any("cross processes as copies" in line for line in server.log().splitlines())
-    assert shared_names() <= before  # every segment and link is gone with the server
+    assert shm_names(NAME_PREFIX) <= before  # every segment and link is gone with the server
 
 
 def test_data_parallel_2_where_shared_memory_is_too_small(tiny_model, table, vllm_cache_root):

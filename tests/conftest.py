@@ -64,7 +64,7 @@ def vllm_cache_root() -> Iterator[str]:
 
 # vLLM's TP CPU communicator (``--tensor-parallel-size 2`` on CPU) makes segments named
 # ``vllm_dist_<ident>-tp:...-cpushm_<rank>`` and leaves them in /dev/shm when its workers are
-# stopped (vLLM's own leak, docs/upstream.md); the suite removes the ones its servers made.
+# stopped (vLLM's own leak, docs/upstream.md); ``run_server`` removes those its server made.
 SHM = Path("/dev/shm")
 VLLM_SEGMENT_PREFIX = "vllm_dist_"
 
@@ -92,11 +92,9 @@ def shm_names_in_use() -> set[str]:
     return used
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_vllm_segments_left() -> Iterator[None]:
-    before = shm_names(VLLM_SEGMENT_PREFIX)
-    yield
-    for name in shm_names(VLLM_SEGMENT_PREFIX) - before - shm_names_in_use():
+def remove_vllm_segments(since: set[str]) -> None:
+    """Unlink vLLM's segments that are not in ``since`` and that no process still maps."""
+    for name in shm_names(VLLM_SEGMENT_PREFIX) - since - shm_names_in_use():
         (SHM / name).unlink(missing_ok=True)
 
 
@@ -180,6 +178,7 @@ def run_server(
         cmd += [*CPU_FLAGS, *args]
     else:
         cmd = [c.replace("{port}", str(port)) for c in cmd]
+    vllm_segments = shm_names(VLLM_SEGMENT_PREFIX)
     proc = subprocess.Popen(
         cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
@@ -198,6 +197,7 @@ def run_server(
         raise
     finally:
         stop_process_group(proc)
+        remove_vllm_segments(since=vllm_segments)
 
 
 # Every part's rows cross processes through shared memory, however small (tiny test models

@@ -13,11 +13,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vllm_chat_embeds.limits import Limits
+from vllm_chat_embeds.patches import v1_engine_core, v1_executor_multiproc_executor
 from vllm_chat_embeds.stores import engine_rows
 from vllm_chat_embeds.transport import shared_rows
 from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX, NO_SHARED_MEMORY
@@ -229,3 +231,53 @@ def test_names_of_dead_creators_are_swept_and_a_creator_cleans_up_at_exit(tmp_pa
         assert names(tmp_path) == []
     finally:
         shared_rows.configure(Limits())
+
+
+class _Executor:
+    """Stands in for vLLM's multiprocess executor: one node, one pipeline stage."""
+
+    vllm_config = SimpleNamespace(
+        parallel_config=SimpleNamespace(nnodes_within_dp=1, pipeline_parallel_size=1)
+    )
+
+
+setattr(_Executor, v1_executor_multiproc_executor._PASSES_ON_ATTR, True)
+
+
+def _received_request(rows: torch.Tensor) -> SimpleNamespace:
+    """A request as the engine core gets it: its rows as a shared-memory handle."""
+    out = engine_rows.shared_outgoing(rows)
+    assert out is not None
+    sent, wire = out
+    params = SimpleNamespace(extra_args={engine_rows.WIRE_KEY: wire})
+    return SimpleNamespace(
+        request_id="r1", client_index=0, sampling_params=params, prompt_embeds=sent
+    )
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_link_kept_for_workers_goes_when_vllm_fails_the_request_first(
+    shm, tmp_path: Path, fails: bool
+) -> None:
+    rows = shared_rows.empty((4, 8), torch.float16)
+    assert rows is not None
+    rows.normal_()
+    core = SimpleNamespace(model_executor=_Executor())
+    request = _received_request(rows)
+    links = v1_executor_multiproc_executor.kept_links(core.model_executor)
+
+    def add(_core, req):
+        assert torch.equal(req.prompt_embeds, rows)  # vLLM preprocesses the whole rows
+        if fails:
+            raise ValueError("refused by vLLM's own preprocessing")
+        return req
+
+    if fails:
+        with pytest.raises(ValueError, match="own preprocessing"):
+            v1_engine_core.add_with_rows(core, request, add)
+        assert links == {}
+        assert len(names(tmp_path)) == 1  # only the creator's segment: no link left behind
+    else:
+        v1_engine_core.add_with_rows(core, request, add)
+        assert list(links) == ["r1"]  # kept for the workers, until the request finishes
+        assert len(names(tmp_path)) == 2

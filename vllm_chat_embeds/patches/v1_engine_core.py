@@ -6,16 +6,19 @@ is the ``v1_engine_core_client`` patch): mapped from shared memory when they cam
 (``transport/shared_rows.py``), else from the rows it carries and those this engine core keeps
 for its API server (one ``KeptRows`` per ``client_index``: each has its own sender). Shared rows
 that go on to workers keep their link until the executor retires it
-(``v1_executor_multiproc_executor``). A request whose rows cannot be rebuilt fails on its own
-(vLLM returns an error for it; the engine goes on). Why and when it can go: see
-``v1_engine_core_client``.
+(``v1_executor_multiproc_executor``), or, when vLLM's own preprocessing then fails the request
+(it never reaches the scheduler, so no step would retire it), at once. A request whose rows
+cannot be rebuilt fails on its own (vLLM returns an error for it; the engine goes on). Why
+and when it can go: see ``v1_engine_core_client``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..stores.engine_rows import SHARED, KeptRows, attached, incoming, span_digests, take_wire
+from ..transport import shared_rows
 from . import Patch, check
 from .v1_executor_multiproc_executor import kept_links, passes_rows_on
 
@@ -37,6 +40,20 @@ def restore_rows(core: Any, request: Any) -> None:
         kept_links(executor)[request.request_id] = wire[SHARED][0]
 
 
+def add_with_rows(core: Any, request: Any, add: Callable[[Any, Any], Any]) -> Any:
+    """``add(core, request)`` (vLLM's preprocessing) on the request with its rows back; if it
+    fails, the link kept for the workers goes too (the request's mapping goes with it)."""
+    restore_rows(core, request)
+    try:
+        return add(core, request)
+    except BaseException:
+        links = kept_links(getattr(core, "model_executor", None))
+        link = links.pop(request.request_id, None)
+        if link is not None:
+            shared_rows.process_rows().retire([link])
+        raise
+
+
 def apply(patch: Patch) -> None:
     module = patch.home()
     check(patch, {"EngineCore.preprocess_add_request": ("self", "request")})
@@ -44,7 +61,6 @@ def apply(patch: Patch) -> None:
     original = cls.preprocess_add_request
 
     def preprocess_add_request(self: Any, request: Any) -> Any:
-        restore_rows(self, request)
-        return original(self, request)
+        return add_with_rows(self, request, original)
 
     cls.preprocess_add_request = preprocess_add_request

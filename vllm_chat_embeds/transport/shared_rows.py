@@ -22,8 +22,9 @@ Who owns what (the lifetimes):
 - **A send** (``send``) makes a hard link of the segment for that send alone, and the wire
   carries the link's name. The receiver opens and maps it, then removes the link
   (``receive``); a receiver that passes the rows on (the engine core to its workers) keeps
-  the link until its own receivers have mapped it (``retire``). So a creator never needs to
-  know when a receiver opened: a name lives exactly as long as someone is yet to open it.
+  the link until its own receivers have mapped it, or until vLLM fails the request first
+  (``retire``). So a creator never needs to know when a receiver opened: a name lives
+  exactly as long as someone is yet to open it.
 - **Memory** stays while any mapping does: the creator's store, a request in the engine core,
   a worker's request state. Receivers map copy-on-write, so no process can change another's
   rows.

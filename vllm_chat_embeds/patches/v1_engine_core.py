@@ -23,12 +23,13 @@ from . import Patch, check
 from .v1_executor_multiproc_executor import kept_links, passes_rows_on
 
 
-def restore_rows(core: Any, request: Any) -> None:
-    """Give ``request`` its whole rows back, if it left some behind."""
+def restore_rows(core: Any, request: Any) -> str | None:
+    """Give ``request`` its whole rows back, if it left some behind; the link kept for the
+    workers, if one is."""
     params = request.sampling_params
     wire = take_wire(params) if params is not None else None
     if wire is None:
-        return
+        return None
     spans = span_digests(params) or []
     kept = attached(core, int(request.client_index or 0), KeptRows)  # one per API server
     executor = getattr(core, "model_executor", None)
@@ -36,20 +37,21 @@ def restore_rows(core: Any, request: Any) -> None:
     request.prompt_embeds = incoming(
         kept, spans, wire, request.prompt_embeds, request.request_id, keep_link=keep_link
     )
-    if keep_link:
-        kept_links(executor)[request.request_id] = wire[SHARED][0]
+    if not keep_link:
+        return None
+    link = kept_links(executor)[request.request_id] = wire[SHARED][0]
+    return link
 
 
 def add_with_rows(core: Any, request: Any, add: Callable[[Any, Any], Any]) -> Any:
     """``add(core, request)`` (vLLM's preprocessing) on the request with its rows back; if it
     fails, the link kept for the workers goes too (the request's mapping goes with it)."""
-    restore_rows(core, request)
+    link = restore_rows(core, request)
     try:
         return add(core, request)
     except BaseException:
-        links = kept_links(getattr(core, "model_executor", None))
-        link = links.pop(request.request_id, None)
         if link is not None:
+            kept_links(core.model_executor).pop(request.request_id, None)
             shared_rows.process_rows().retire([link])
         raise
 

@@ -73,7 +73,7 @@ def resolve(value: object) -> object:
     return value
 
 
-def _heap_trimmer() -> Callable[[int], int] | None:
+def heap_trimmer() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
     name = ctypes.util.find_library("c")
     try:
@@ -82,7 +82,7 @@ def _heap_trimmer() -> Callable[[int], int] | None:
         return None
 
 
-_trim = _heap_trimmer()
+_trim = heap_trimmer()
 
 
 def held_count() -> int:

@@ -50,8 +50,6 @@ Prints tables, writes ``benchmarks/results/big_parts.json`` and ``.png``.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -85,7 +83,14 @@ from common import (  # noqa: E402
     vllm_cache_root,
     write_results,
 )
-from conftest import MODELS, VLLM, build_model, run_server, server_env  # noqa: E402
+from conftest import (  # noqa: E402
+    MODELS,
+    VLLM,
+    VLLM_SEGMENT_PREFIX,
+    build_model,
+    run_server,
+    server_env,
+)
 from latency_side_by_side import (  # noqa: E402
     LAYER_SHAPES,
     SERVED_NAME,
@@ -101,6 +106,7 @@ from latency_side_by_side import (  # noqa: E402
 
 from vllm_chat_embeds import client  # noqa: E402
 from vllm_chat_embeds.client import prompt_embeds_part  # noqa: E402
+from vllm_chat_embeds.entrypoints.big_bodies import heap_trimmer  # noqa: E402
 
 NAME = "big_parts"
 IMPLS: tuple[Impl, ...] = ("plugin", "builtin")
@@ -121,6 +127,7 @@ LEAD = "Repeat:"
 MIB = 1 << 20
 REFERENCE_BYTES = 64 * MIB  # the memory phase's CHAT_EMBEDS_REFERENCE_BYTES
 ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+TRIM_HEAP = heap_trimmer()  # glibc's malloc_trim, or None
 TARGETS = {1: 1.25, 2: 1.30}  # inline at 8192 rows, x the text chat (issue 19)
 
 
@@ -414,8 +421,8 @@ def trim_own_heap() -> None:
     """Hand this process's freed rows and bodies back to the kernel (glibc keeps freed heap
     resident), so the machine's used memory counts the server, not the benchmark."""
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+    if TRIM_HEAP is not None:
+        TRIM_HEAP(0)
 
 
 def own_rss_bytes() -> int:
@@ -431,7 +438,7 @@ def shm_bytes() -> int:
     """Bytes in /dev/shm, vLLM's own broadcast buffers and semaphores left out."""
     total = 0
     for entry in Path("/dev/shm").iterdir():
-        if entry.name.startswith("sem.") or entry.name.startswith("vllm_dist_"):
+        if entry.name.startswith("sem.") or entry.name.startswith(VLLM_SEGMENT_PREFIX):
             continue
         try:
             total += entry.stat().st_blocks * 512

@@ -16,12 +16,12 @@ import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from uuid import uuid4
 
 import pytest
 import requests
 from chat_cases import CASES, as_text, render
+from conftest import SHM
 
 from vllm_chat_embeds.client import upload_rows
 from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX
@@ -29,7 +29,6 @@ from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX
 pytestmark = pytest.mark.e2e
 
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
-SHM = Path("/dev/shm")
 SHAPES = ["interleaved", "every_role", "only_embeds", "multi_turn"]
 
 

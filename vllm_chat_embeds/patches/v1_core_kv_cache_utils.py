@@ -2,20 +2,19 @@
 
 What: ``_gen_prompt_embeds_extra_hash_keys`` maps a block's positions to the embedding rows
 they hold. A block with no embedding position gets no extra key, so it hashes like the same
-text; a block with some hashes their rows together with its slice of the mask, so the same
-embeddings hit, other embeddings miss, and a zero row is never confused with token 0.
-Prompts with one row per position (vLLM's own embeds prompts) keep vLLM's hashing. Why: vLLM
-slices the embeddings by absolute position, which only works for full-length tensors. When it
-can go: with the ``vllm_utils`` patch.
+text; a block with some hashes them with its slice of the mask, so the same embeddings hit,
+other embeddings miss, and a zero row is never confused with token 0. Prompts with one row per
+position (vLLM's own embeds prompts) keep vLLM's hashing. Why: vLLM slices the embeddings by
+absolute position, which only works for full-length tensors. When it can go: with the
+``vllm_utils`` patch.
 
-Rows kept by uuid (``stores/references.py``) arrive with the SHA-256 of their content, computed
-once in the frontend when they were kept (``SPAN_DIGESTS_KEY`` in the request's
-``sampling_params.extra_args``, vLLM's field for plugins, set only by the
-``v1_engine_input_processor`` patch, which drops any a client sent). A block over such rows
-hashes that digest and its row range instead of the rows, so a reference costs no rehash. The
-keys still come from the content (never from a uuid), in a domain of their own (``_SPANS``):
-the same rows sent without a uuid hash their bytes and get other keys, which costs a cache
-miss, never a wrong hit.
+Each part of the request carries the SHA-256 of its rows (``kv_transfer/row_keys.py``, set
+when the engine's request is built; rows kept by uuid bring the digest computed once in the
+frontend, ``SPAN_DIGESTS_KEY``, which only the server sets). A block hashes the digests of the
+parts it overlaps and their row ranges instead of the rows, so rows are hashed once per
+request, and a part sent inline and the same rows sent by uuid get the same keys. The keys come
+from the content (never from a uuid), in a domain of their own (``_SPANS``). A request without
+a part table (none is built outside the engine core) hashes each block's rows.
 """
 
 from __future__ import annotations
@@ -26,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..kv_transfer.row_keys import PART_TABLE_ATTR
 from . import Patch, check
 
 _ROW_INDEX = "_vllm_chat_embeds_row_index"
-_SPAN_TABLE = "_vllm_chat_embeds_span_table"
 # The request's row spans, in row order, as [[rows, content sha256 hex or None], ...].
 SPAN_DIGESTS_KEY = "_vllm_chat_embeds_span_digests"
 _SPANS = b"vllm_chat_embeds.spans\0"
@@ -85,20 +84,6 @@ def spans_block_digest(
     return digest.digest()
 
 
-def span_table(request: Any) -> list[tuple[int, int, bytes | None]] | None:
-    """The request's spans with their first rows, if it carries digests that cover its rows."""
-    params = getattr(request, "sampling_params", None)
-    extra = getattr(params, "extra_args", None) or {}
-    given = extra.get(SPAN_DIGESTS_KEY)
-    if not given:
-        return None
-    table, first = [], 0
-    for count, hexdigest in given:
-        table.append((first, int(count), None if hexdigest is None else bytes.fromhex(hexdigest)))
-        first += int(count)
-    return table if first == len(request.prompt_embeds) else None
-
-
 def apply(patch: Patch) -> None:
     from vllm.v1.core import kv_cache_utils
 
@@ -128,10 +113,7 @@ def apply(patch: Patch) -> None:
             if index is None:
                 index = row_index(mask)
                 setattr(request, _ROW_INDEX, index)
-            spans = getattr(request, _SPAN_TABLE, False)
-            if spans is False:
-                spans = span_table(request)
-                setattr(request, _SPAN_TABLE, spans)
+            spans = getattr(request, PART_TABLE_ATTR, None)
             if spans is None:
                 cache[key] = block_digest(rows, index, start_token_idx, end_token_idx)
             else:

@@ -10,6 +10,10 @@ that go on to workers keep their link until the executor retires it
 (it never reaches the scheduler, so no step would retire it), at once. A request whose rows
 cannot be rebuilt fails on its own (vLLM returns an error for it; the engine goes on). Why
 and when it can go: see ``v1_engine_core_client``.
+
+Also: before the first request is built, it tells ``kv_transfer/row_keys.py`` the model's
+vocabulary size (the content ids it draws for rows stay below it); it can go with the
+``v1_request`` patch.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..kv_transfer import row_keys
 from ..stores.engine_rows import SHARED, KeptRows, attached, incoming, span_digests, take_wire
 from ..transport import shared_rows
 from . import Patch, check
@@ -63,6 +68,8 @@ def apply(patch: Patch) -> None:
     original = cls.preprocess_add_request
 
     def preprocess_add_request(self: Any, request: Any) -> Any:
+        if row_keys.vocab_size() is None:
+            row_keys.note_vocab_size(self.vllm_config.model_config.get_vocab_size())
         return add_with_rows(self, request, original)
 
     cls.preprocess_add_request = preprocess_add_request

@@ -1,19 +1,26 @@
-"""Patch of ``vllm/v1/request.py``: keep a compact request's mask as runs.
+"""Patch of ``vllm/v1/request.py``: key a compact request's rows, keep its mask as runs.
 
-What: after ``Request.__init__`` (which reads the mask as a list once, to zero the ids at
-embedding positions), the request's ``prompt_is_token_ids`` of a compact embeds prompt is
-replaced by a ``RunMask``: two integers per embedding span instead of a list entry per prompt
-position, kept for the request's life in the engine core and handed to the workers. Why: the
-engine should hold, per request, the embedding rows and a compact mask, not something as long
-as the chat. Requests without embeddings, and vLLM's own full-length embeds prompts, are left
-as they are. When it can go: when vLLM stores the mask compactly itself.
+What: ``Request.__init__`` of a compact embeds prompt (rows only at the positions its mask
+marks) first gives each part a content digest and each of its positions an id drawn from it
+(``kv_transfer/row_keys.py``), in ``prompt_token_ids`` and in vLLM's own ``all_token_ids``,
+then hashes the request's blocks (vLLM's hasher, run after the ids are in place). Afterwards the
+request's ``prompt_is_token_ids`` is replaced by a ``RunMask``: two integers per embedding span
+instead of a list entry per prompt position, kept for the request's life in the engine core and
+handed to the workers. Why: KV connectors, KV-cache events and routers key KV by token ids,
+and every request held the same id at its rows (a connector served one chat another chat's
+KV); and the engine should hold a compact mask, not something as long as the chat. Requests
+without embeddings, and vLLM's own full-length embeds prompts, are left as they are. When it can
+go: when vLLM keys embedding positions by content everywhere it keys by ids, and stores the mask
+compactly itself.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
-from ..position_mask import RunMask
+from ..kv_transfer import row_keys
+from ..patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 from . import Patch, check
 
 _INIT_PARAMETERS = (
@@ -41,19 +48,44 @@ _INIT_PARAMETERS = (
 )
 
 
+def compact(arguments: dict[str, Any]) -> bool:
+    """A prompt of token ids whose rows cover only the positions its mask marks."""
+    ids, rows = arguments.get("prompt_token_ids"), arguments.get("prompt_embeds")
+    mask = arguments.get("prompt_is_token_ids")
+    if ids is None or rows is None or mask is None or len(mask) != len(ids):
+        return False
+    return len(rows) != len(mask) and len(rows) == len(mask) - sum(map(bool, mask))
+
+
 def apply(patch: Patch) -> None:
     from vllm.v1 import request
 
     check(patch, {"Request.__init__": _INIT_PARAMETERS})
     cls = request.Request
     original = cls.__init__
+    signature = inspect.signature(original)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        mask = self.prompt_is_token_ids
-        rows = self.prompt_embeds
-        if isinstance(mask, list) and rows is not None and len(rows) != len(mask):
-            self.prompt_is_token_ids = RunMask.from_mask(mask)
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = bound.arguments
+        if not compact(arguments):
+            original(self, *args, **kwargs)
+            return
+        params = arguments.get("sampling_params")
+        given = (getattr(params, "extra_args", None) or {}).get(SPAN_DIGESTS_KEY)
+        keyed = row_keys.key_prompt(
+            arguments["prompt_token_ids"],
+            arguments["prompt_embeds"],
+            arguments["prompt_is_token_ids"],
+            given,
+        )
+        hasher = arguments.pop("block_hasher", None)  # hashed below, once the ids are in
+        arguments["prompt_token_ids"] = keyed.ids
+        original(*bound.args, **bound.kwargs)
+        keyed.apply(self)
+        self.prompt_is_token_ids = keyed.mask
+        self._block_hasher = hasher
+        self.update_block_hashes()
 
     __init__.__wrapped__ = original  # type: ignore[attr-defined]
     cls.__init__ = __init__  # type: ignore[method-assign]

@@ -1,0 +1,99 @@
+"""Parts across vLLM's KV connectors, on real servers: never KV computed from other rows.
+
+``ExampleConnector`` saves every prompt's KV to a folder keyed by the prompt's token ids (and
+multimodal hashes) and loads it for any later prompt with the same key. At the rows, every
+request of vLLM's built-in holds the same ids: the chat with rows Y, sent after the same chat
+with rows X, is served X's KV. With the plugin, the ids at the rows come from the rows'
+content (``kv_transfer/row_keys.py``): Y gets Y's answer, and X sent again really loads X's KV
+from the connector. The built-in runs the same sequence side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import TEST_SERVER_ARGS, run_server, server_env
+from kv_cases import (
+    BLOCK_SIZE,
+    LAYOUTS,
+    X_TEXT,
+    Y_TEXT,
+    answer,
+    as_parts,
+    as_plain_text,
+    cached_tokens,
+    chat_body,
+    post_chat,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def connector_server(tiny_model: Path, cache_root: str, storage: Path, *, plugins: bool):
+    config = {
+        "kv_connector": "ExampleConnector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"shared_storage_path": str(storage)},
+    }
+    env = server_env(
+        trap=plugins,
+        plugins=plugins,
+        mp=True,
+        cache_root=cache_root,
+        extra={"VLLM_SERVER_DEV_MODE": "1"},  # POST /reset_prefix_cache
+    )
+    args = [*TEST_SERVER_ARGS, *BLOCK_SIZE, "--kv-transfer-config", json.dumps(config)]
+    return run_server(tiny_model, *args, env=env)
+
+
+def reset_local_cache(base_url: str) -> None:
+    response = requests.post(base_url + "/reset_prefix_cache", timeout=30)
+    assert response.status_code == 200 and response.json()["success"], response.text
+
+
+def x_then_y(server, table) -> dict[str, dict[str, str]]:
+    """Per layout: the text answers of X and Y, and the answers to X's parts, then Y's."""
+    results: dict[str, dict[str, str]] = {}
+
+    def ask(messages: list) -> str:
+        return answer(post_chat(server.base_url, chat_body(server, messages)))
+
+    for layout in LAYOUTS:
+        results[layout] = {
+            "x_text": ask(as_plain_text(layout, X_TEXT)),
+            "y_text": ask(as_plain_text(layout, Y_TEXT)),
+            "x_parts": ask(as_parts(layout, X_TEXT, table)),
+            "y_parts": ask(as_parts(layout, Y_TEXT, table)),
+        }
+    return results
+
+
+def test_rows_are_part_of_the_shared_storage_key(tiny_model, vllm_cache_root, table, tmp_path):
+    """X then Y with the plugin: every layout answers as its own text; then X again, with
+    the local prefix cache emptied, loads X's saved KV (a real hit) and still answers right."""
+    with connector_server(tiny_model, vllm_cache_root, tmp_path / "kv", plugins=True) as server:
+        results = x_then_y(server, table)
+        for layout, out in results.items():
+            assert out["x_text"] != out["y_text"], f"{layout}: X and Y must answer differently"
+            assert out["x_parts"] == out["x_text"], layout
+            assert out["y_parts"] == out["y_text"], layout
+        for layout in LAYOUTS:
+            reset_local_cache(server.base_url)
+            again = post_chat(server.base_url, chat_body(server, as_parts(layout, X_TEXT, table)))
+            assert answer(again) == results[layout]["x_text"], layout
+            # Nothing is left in the local prefix cache: these came from the connector's folder.
+            assert cached_tokens(again) >= 64, f"{layout}: no KV loaded: {again['usage']}"
+
+
+def test_builtin_serves_one_chats_rows_with_anothers_kv(
+    tiny_model, vllm_cache_root, table, tmp_path
+):
+    """The same sequence on vLLM's built-in: Y's parts are answered from X's saved KV (the
+    defect the plugin fixes; kept here so the test above is known to be sharp)."""
+    with connector_server(tiny_model, vllm_cache_root, tmp_path / "kv", plugins=False) as server:
+        results = x_then_y(server, table)
+    wrong = [layout for layout, out in results.items() if out["y_parts"] != out["y_text"]]
+    assert wrong, f"the built-in answered every layout right: {results}"

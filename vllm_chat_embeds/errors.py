@@ -99,6 +99,11 @@ BAD_DTYPE: Final = (
 ZERO_ROWS: Final = (
     "{where}.data of a prompt_embeds part has 0 rows; a prompt_embeds part needs at least one row."
 )
+TOO_FEW_ROWS_TO_KEY: Final = (
+    "{where}: a prompt_embeds part of {rows} rows is too short for this server's KV connector "
+    "{connector}, which keys KV by token ids: a part needs at least {min_rows} rows there to be "
+    "told apart from other rows. Send those rows as text, or as a longer part."
+)
 NOT_FINITE: Final = "{where}.data of a prompt_embeds part contains NaN or infinite values."
 TOO_MANY_PARTS: Final = (
     "The request has {count} prompt_embeds parts, over the limit of {limit} "

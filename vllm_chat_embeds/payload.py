@@ -52,6 +52,10 @@ class PayloadSpec:
     max_rows: int  # rows this part may still add to the request
     rows_limit: int  # the request-wide limit, for the message
     encodings: frozenset[str] = frozenset(ENCODINGS)  # those the operator allows
+    # The fewest rows a part may hold, and the KV connector that asks for more than one
+    # (``kv_transfer/connectors.py``).
+    min_rows: int = 1
+    min_rows_connector: str | None = None
 
 
 def _decode_base64(

@@ -162,3 +162,18 @@ def test_kv_events_carry_the_rows_keys(plugin_kv_server, subscriber, table):
     reset_local_cache(server.base_url)
     again = blocks_of(messages(X_TEXT, parts=True))
     assert [(h, ids) for h, ids, _ in again] == [(h, ids) for h, ids, _ in x]
+
+
+def test_a_part_too_short_to_key_is_refused(plugin_kv_server, table):
+    """Under a connector keyed by token ids, a part with too few rows for a 64-bit content
+    key (6 rows of this 2,000-id vocabulary) gets a 400 naming it; the server keeps serving."""
+    server = plugin_kv_server
+    short = [{"role": "user", "content": [{"type": "text", "text": "x ="}, table.part(" 1")]}]
+    body = chat_body(server, short)
+    response = requests.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]["message"]
+    assert "messages[0].content[1]" in message and "ExampleConnector" in message
+    assert "at least 6 rows" in message
+    ok = chat_body(server, as_parts("last", X_TEXT, table))
+    assert answer(post_chat(server.base_url, ok))

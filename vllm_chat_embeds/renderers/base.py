@@ -20,6 +20,7 @@ from vllm.renderers.base import BaseRenderer
 
 from .. import errors
 from ..errors import reject
+from ..kv_transfer.connectors import part_min_rows
 from ..limits import Limits
 from ..payload import PayloadSpec
 from ..stores import soft_prompts
@@ -55,7 +56,10 @@ class EmbedsRendererMixin:
     @cached_property
     def payload_spec(self) -> PayloadSpec:
         max_rows = min(self.limits.max_rows, self.model_config.max_model_len)
+        min_rows, connector = part_min_rows(cast(Any, self).config)
         return PayloadSpec(
+            min_rows=min_rows,
+            min_rows_connector=connector,
             width=self.model_config.get_hidden_size(),
             dtype=self.model_config.dtype,
             max_part_bytes=self.limits.max_part_bytes,

@@ -322,6 +322,16 @@ def _resolve_rows(
             reject(errors.REFERENCE_UNKNOWN, where=slot.where, uuid=uuid)
         rows[i] = _rows_within(tensor, slot.where, rows_left, spec)
         rows_left -= int(tensor.shape[0])
+    for slot, tensor in zip(located, rows, strict=True):
+        count = int(cast(torch.Tensor, tensor).shape[0])
+        if count < spec.min_rows:
+            reject(
+                errors.TOO_FEW_ROWS_TO_KEY,
+                where=slot.where,
+                rows=count,
+                connector=spec.min_rows_connector,
+                min_rows=spec.min_rows,
+            )
     return cast(list[torch.Tensor], rows)
 
 

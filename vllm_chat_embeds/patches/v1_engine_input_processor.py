@@ -12,12 +12,18 @@ those blocks without hashing the rows again (``v1_core_kv_cache_utils``). Any va
 sent under that key or the rows wire's (``vllm_xargs``) is dropped first: only the server sets
 them. When it can go:
 when vLLM's engine requests carry a content hash for embedding rows, as they do for media.
+
+Also: ``process_inputs`` first checks a decode request's ``kv_transfer_params`` against its
+rendered prompt (``kv_transfer/transfer_params.py``), on servers that run a KV connector, so a
+forged value is a 400 instead of a dead engine. When it can go: when vLLM's NIXL connectors
+check what they are given.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..kv_transfer.transfer_params import check_remote_prefill
 from ..stores.engine_rows import WIRE_KEY
 from . import Patch, check
 from .v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
@@ -63,11 +69,26 @@ def apply(patch: Patch) -> None:
 
     def process_inputs(self: Any, request_id: str, prompt: Any, params: Any, *args: Any,
                        **kwargs: Any) -> Any:  # fmt: skip
+        check_transfer_params(self, prompt, params)
         request = original_process(self, request_id, prompt, params, *args, **kwargs)
         carry_span_digests(request, prompt)
         return request
 
     cls.process_inputs = process_inputs  # type: ignore[method-assign]
+
+
+def check_transfer_params(processor: Any, prompt: Any, params: Any) -> None:
+    """A decode request's ``kv_transfer_params`` against its prompt
+    (``kv_transfer/transfer_params.py``), on servers that run a KV connector."""
+    config = getattr(processor, "vllm_config", None)
+    extra = getattr(params, "extra_args", None) or {}
+    if config is None or config.kv_transfer_config is None or "kv_transfer_params" not in extra:
+        return
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    if ids is None:
+        return  # vLLM counts other prompts itself
+    block_size = int(config.cache_config.block_size or 0)
+    check_remote_prefill(extra["kv_transfer_params"], len(ids), block_size)
 
 
 def carry_span_digests(request: Any, engine_input: Any) -> None:

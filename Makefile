@@ -45,6 +45,9 @@ CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 	tests/e2e/test_scale_out_split.py tests/unit/test_scale_out_rows.py \
 	tests/e2e/test_other_modes.py --deselect tests/e2e/test_other_modes.py::test_live_
 
+CORE_TESTS += tests/unit/test_row_keys.py tests/unit/test_kv_connectors_policy.py \
+	tests/e2e/test_kv_connectors.py
+
 CORE_TESTS += tests/unit/test_uploads.py tests/e2e/test_row_uploads_online.py \
 	--deselect tests/e2e/test_row_uploads_online.py::test_api_key_guards_every_upload_route \
 	--deselect tests/e2e/test_row_uploads_online.py::test_two_api_servers_each_hold_their_own_uploads

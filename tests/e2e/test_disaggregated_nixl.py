@@ -84,7 +84,22 @@ def pair(tiny_model, vllm_cache_root) -> Iterator[Pair]:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         stack.callback(httpd.server_close)
         stack.callback(httpd.shutdown)
-        yield Pair(prefill, decode, f"http://127.0.0.1:{httpd.server_address[1]}")
+        ready = Pair(prefill, decode, f"http://127.0.0.1:{httpd.server_address[1]}")
+        warm_up(ready)
+        yield ready
+
+
+def warm_up(pair: Pair, attempts: int = 5) -> None:
+    """The first request makes the NIXL handshake, which vLLM gives 5 s: on a loaded machine
+    (the 0.33 suite runs beside this one) it can miss, and that request fails. Retry a text
+    chat until KV travels."""
+    body = {"model": pair.model, "messages": as_plain_text("alone", X_TEXT), **GREEDY}
+    for _ in range(attempts):
+        before = metric(pair.decode.base_url, EXTERNAL_HITS)
+        requests.post(pair.url + "/v1/chat/completions", json=body, timeout=240)
+        if metric(pair.decode.base_url, EXTERNAL_HITS) > before:
+            return
+    raise AssertionError(f"no KV travelled in {attempts} warm-up chats")
 
 
 def answer(out: dict) -> str:

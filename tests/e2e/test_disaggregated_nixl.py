@@ -175,6 +175,7 @@ MALFORMED = {
     "block_ids_not_ints": ({"remote_block_ids": [["a", "b"]]}, "remote_block_ids"),
     "block_ids_flat": ({"remote_block_ids": [1, 2]}, "remote_block_ids"),
     "more_blocks": ({"remote_block_ids": [list(range(40))]}, "remote_block_ids"),
+    "fewer_blocks": ({"remote_block_ids": [[0]]}, "remote_block_ids"),
     "port_not_a_number": ({"remote_port": "http"}, "remote_port"),
     "negative_block": ({"remote_block_ids": [[-1]]}, "remote_block_ids"),
 }
@@ -191,7 +192,6 @@ def far_blocks(params: dict) -> dict:
 
 WELL_FORMED = {
     "far_blocks": far_blocks,
-    "fewer_blocks": lambda p: {**p, "remote_block_ids": [g[:-1] for g in p["remote_block_ids"]]},
     "unknown_request": lambda p: {**p, "remote_request_id": "no-such-request"},
 }  # fmt: skip
 

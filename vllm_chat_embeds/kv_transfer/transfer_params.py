@@ -45,10 +45,14 @@ def well_formed(params: Any) -> bool:
     return True
 
 
-def check_remote_prefill(params: Any, prompt_tokens: int | None, block_size: int) -> None:
+def check_remote_prefill(
+    params: Any, prompt_tokens: int | None, block_size: int, *, exact: bool = False
+) -> None:
     """Refuse ``kv_transfer_params`` asking for a remote prefill that the engine could not
     follow: each field's type and range, and (given the prompt's length) no more blocks than
-    the prompt fills."""
+    the prompt fills; ``exact``: as many as it fills (the prefill server computed the whole
+    prompt: no Mamba layers, no multi-token lookahead), since vLLM would place fewer blocks at
+    the wrong positions."""
     if not isinstance(params, dict) or not params.get("do_remote_prefill"):
         return
     for field in _STRINGS:
@@ -71,6 +75,12 @@ def check_remote_prefill(params: Any, prompt_tokens: int | None, block_size: int
         return
     most = math.ceil(prompt_tokens / max(block_size, 1))
     for group in groups:
+        if exact and len(group) < most:
+            _bad(
+                "remote_block_ids",
+                f"lists {len(group)} blocks; this prompt of {prompt_tokens} tokens fills "
+                f"{most} of {block_size} tokens",
+            )
         if len(group) > most:
             _bad(
                 "remote_block_ids",

@@ -88,7 +88,11 @@ def check_transfer_params(processor: Any, prompt: Any, params: Any) -> None:
     if ids is None:
         return  # vLLM counts other prompts itself
     block_size = int(config.cache_config.block_size or 0)
-    check_remote_prefill(extra["kv_transfer_params"], len(ids), block_size)
+    # The prefill server leaves trailing tokens to the decode server only for Mamba layers or
+    # a multi-token lookahead (vLLM's NIXL backoff): otherwise it sends every block.
+    whole = getattr(config, "num_prefill_lookahead_tokens", 2) <= 1
+    exact = whole and not getattr(config.model_config, "is_hybrid", True)
+    check_remote_prefill(extra["kv_transfer_params"], len(ids), block_size, exact=exact)
 
 
 def carry_span_digests(request: Any, engine_input: Any) -> None:

@@ -43,6 +43,8 @@ BY_TOKEN_IDS: Final = frozenset(
     {"ExampleConnector", "HF3FSKVConnector", "LMCacheConnectorV1", "LMCacheMPConnector",
      "FlexKVConnectorV1"}
 )  # fmt: skip
+# Every connector whose key this module knows not to be token ids.
+_NOT_BY_TOKEN_IDS: Final = BY_BLOCK_HASHES | PER_REQUEST | NO_REUSE
 # Bits of content key a part needs under a connector keyed by token ids.
 KEY_BITS: Final = 64
 
@@ -65,8 +67,7 @@ def keyed_by_token_ids(kv_transfer_config: Any) -> str | None:
     """The first configured connector that keys KV by token ids (or is unknown), if any."""
     custom = getattr(kv_transfer_config, "kv_connector_module_path", None)
     for name in connector_names(kv_transfer_config):
-        known = BY_BLOCK_HASHES | PER_REQUEST | NO_REUSE
-        if custom or name in BY_TOKEN_IDS or name not in known:
+        if custom or name not in _NOT_BY_TOKEN_IDS:
             return name
     return None
 

@@ -86,12 +86,15 @@ def part_counts(given: Sequence[Sequence[Any]] | None, mask: RunMask, rows: int)
 
 def key_prompt(
     token_ids: list[int], rows: torch.Tensor, mask: Sequence[bool], given: Any
-) -> KeyedPrompt:
-    """Digest each part of a compact embeds prompt and draw its positions' ids."""
+) -> KeyedPrompt | None:
+    """Digest each part of a compact embeds prompt and draw its positions' ids; None if the
+    rows are not one per embedding position of the mask (not a compact prompt)."""
     runs = mask if isinstance(mask, RunMask) else RunMask.from_mask(mask)
     positions = np.concatenate(
         [np.arange(start, stop) for start, stop in runs.spans] or [np.zeros(0, np.int64)]
     )
+    if positions.size != int(rows.shape[0]):
+        return None
     ids = list(token_ids)
     vocab = _vocab_size
     parts: list[Part] = []

@@ -49,12 +49,13 @@ _INIT_PARAMETERS = (
 
 
 def compact(arguments: dict[str, Any]) -> bool:
-    """A prompt of token ids whose rows cover only the positions its mask marks."""
+    """A prompt of token ids, a mask as long, and fewer rows (``row_keys.key_prompt`` checks
+    that there is one per embedding position)."""
     ids, rows = arguments.get("prompt_token_ids"), arguments.get("prompt_embeds")
     mask = arguments.get("prompt_is_token_ids")
     if ids is None or rows is None or mask is None or len(mask) != len(ids):
         return False
-    return len(rows) != len(mask) and len(rows) == len(mask) - sum(map(bool, mask))
+    return len(rows) != len(mask)
 
 
 def apply(patch: Patch) -> None:
@@ -68,17 +69,18 @@ def apply(patch: Patch) -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
         arguments = bound.arguments
-        if not compact(arguments):
+        keyed = None
+        if compact(arguments):
+            params = arguments.get("sampling_params")
+            keyed = row_keys.key_prompt(
+                arguments["prompt_token_ids"],
+                arguments["prompt_embeds"],
+                arguments["prompt_is_token_ids"],
+                (getattr(params, "extra_args", None) or {}).get(SPAN_DIGESTS_KEY),
+            )
+        if keyed is None:
             original(self, *args, **kwargs)
             return
-        params = arguments.get("sampling_params")
-        given = (getattr(params, "extra_args", None) or {}).get(SPAN_DIGESTS_KEY)
-        keyed = row_keys.key_prompt(
-            arguments["prompt_token_ids"],
-            arguments["prompt_embeds"],
-            arguments["prompt_is_token_ids"],
-            given,
-        )
         hasher = arguments.pop("block_hasher", None)  # hashed below, once the ids are in
         arguments["prompt_token_ids"] = keyed.ids
         original(*bound.args, **bound.kwargs)

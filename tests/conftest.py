@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+from redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / ".models"
@@ -325,6 +326,17 @@ def guarded_server(tiny_model: Path, vllm_cache_root: str) -> Iterator[Server]:
     args = [*TEST_SERVER_ARGS, "--api-key", GUARDED_API_KEY, "--api-server-count", "2"]
     with run_server(tiny_model, *args, env=env) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_store() -> Iterator[RedisServer]:
+    """A real Redis server for the shared row store (tests may stop and start it again)."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def make_offline_llm(tiny_model: Path, vllm_cache_root: str, **extra):

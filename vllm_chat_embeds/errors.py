@@ -197,6 +197,29 @@ REFERENCES_OFF: Final = (
     "{where}: prompt_embeds_reference_unknown: this server keeps no prompt_embeds parts by uuid "
     "(prompt_embeds_references_off, CHAT_EMBEDS_REFERENCE_BYTES=0); send the part with its data."
 )
+# -- The shared row store (stores/shared_store.py, CHAT_EMBEDS_SHARED_STORE) -------------------
+SHARED_STORE_NO_CLIENT: Final = (
+    "{env} is set, but the Redis client is not installed; install it with "
+    "pip install 'vllm-chat-embeds[redis]' (redis-py, with hiredis)."
+)
+SHARED_STORE_DOWN: Final = (
+    "{where}: this server does not hold the rows of the prompt_embeds part with uuid {uuid!r}, "
+    "and the shared row store {store} is unavailable ({reason}); retry in {retry_after} s, or "
+    "send the part with its data."
+)
+SHARED_STORE_UPLOAD_DOWN: Final = (
+    "{where}: the shared row store {store} is unavailable ({reason}), so the rows were not "
+    "kept (an id only this server knew would fail on every other one); retry in "
+    "{retry_after} s."
+)
+SHARED_STORE_FILES_DOWN: Final = (
+    "The shared row store {store} is unavailable ({reason}); retry in {retry_after} s."
+)
+SHARED_VALUE_BAD: Final = (
+    "{where}: prompt_embeds_reference_unknown: the rows kept under uuid {uuid!r} in the shared "
+    "row store failed their check ({reason}) and were not used; send the part again with its "
+    "data."
+)
 # -- Rows uploaded once, used by id (entrypoints/row_uploads.py): POST /v1/prompt_embeds and the
 # Files API (POST /v1/files). Rows are checked with the part messages above, ``where`` naming
 # the upload (UPLOAD_WHERE, FILE_WHERE).

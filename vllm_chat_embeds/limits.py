@@ -23,6 +23,9 @@ ENV_SHM_BYTES: Final = "CHAT_EMBEDS_SHM_BYTES"
 ENV_SHARED_ABOVE_BYTES: Final = "CHAT_EMBEDS_SHARED_ABOVE_BYTES"
 ENV_SHM_DIR: Final = "CHAT_EMBEDS_SHM_DIR"
 ENV_LIFT_ABOVE_BYTES: Final = "CHAT_EMBEDS_LIFT_ABOVE_BYTES"
+ENV_SHARED_STORE: Final = "CHAT_EMBEDS_SHARED_STORE"
+ENV_SHARED_STORE_TIMEOUT: Final = "CHAT_EMBEDS_SHARED_STORE_TIMEOUT"
+ENV_SHARED_STORE_TTL: Final = "CHAT_EMBEDS_SHARED_STORE_TTL"
 ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
 
 DEFAULT_MAX_PARTS: Final = 64
@@ -37,6 +40,12 @@ DEFAULT_SHARED_ABOVE_BYTES: Final = 1024 * 1024
 DEFAULT_SHM_DIR: Final = "/dev/shm"
 # Part data strings this long or longer skip FastAPI's JSON parser (entrypoints/big_bodies.py).
 DEFAULT_LIFT_ABOVE_BYTES: Final = 1024 * 1024
+
+# The shared row store (stores/shared_store.py): how long one of its operations may wait, and
+# how long a value it holds lives after its last use (0: until the store evicts it).
+DEFAULT_SHARED_STORE_TIMEOUT_S: Final = 2.0
+DEFAULT_SHARED_STORE_TTL_S: Final = 24 * 3600
+SHARED_STORE_SCHEMES: Final = ("redis", "rediss", "unix")
 
 DroppedPolicy = Literal["error", "warn"]
 
@@ -81,6 +90,9 @@ class Limits:
     shared_above_bytes: int = DEFAULT_SHARED_ABOVE_BYTES
     shm_dir: str = DEFAULT_SHM_DIR
     lift_above_bytes: int = DEFAULT_LIFT_ABOVE_BYTES
+    shared_store: str = ""  # a redis:// URL: rows by uuid and uploads shared by every replica
+    shared_store_timeout_s: float = DEFAULT_SHARED_STORE_TIMEOUT_S
+    shared_store_ttl_s: int = DEFAULT_SHARED_STORE_TTL_S
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -103,6 +115,13 @@ class Limits:
             ),
             shm_dir=os.environ.get(ENV_SHM_DIR, "").strip() or DEFAULT_SHM_DIR,
             lift_above_bytes=_int_env(ENV_LIFT_ABOVE_BYTES, DEFAULT_LIFT_ABOVE_BYTES, minimum=0),
+            shared_store=_store_url_env(),
+            shared_store_timeout_s=_seconds_env(
+                ENV_SHARED_STORE_TIMEOUT, DEFAULT_SHARED_STORE_TIMEOUT_S
+            ),
+            shared_store_ttl_s=_int_env(
+                ENV_SHARED_STORE_TTL, DEFAULT_SHARED_STORE_TTL_S, minimum=0
+            ),
         )
 
 
@@ -117,3 +136,27 @@ def _encodings_env() -> frozenset[str]:
             f"{ENV_ENCODINGS} must list some of {', '.join(ALL_ENCODINGS)}; got {raw!r}"
         )
     return frozenset(chosen)
+
+
+def _store_url_env() -> str:
+    url = os.environ.get(ENV_SHARED_STORE, "").strip()
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if url and scheme not in SHARED_STORE_SCHEMES:
+        raise ValueError(
+            f"{ENV_SHARED_STORE} must be a redis://, rediss:// or unix:// URL; got one starting "
+            f"{url[:12]!r}"
+        )
+    return url
+
+
+def _seconds_env(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 600:
+        raise ValueError(f"{name} must be a number of seconds in (0, 600], got {raw!r}")
+    return value

@@ -223,8 +223,10 @@ def _not_found(file_id: str) -> JSONResponse:
     return error_response(message, HTTPStatus.NOT_FOUND, "file_id")
 
 
+# The Files API's reads and deletes may wait on the shared row store (stores/shared_store.py):
+# off the event loop. Its faults raise vLLM's GracefulHTTPError, a 503 by vLLM's own handler.
 async def list_files() -> JSONResponse:
-    data = [_file_object(u) for u in uploads.listing()]
+    data = [_file_object(u) for u in await asyncio.to_thread(uploads.listing)]
     first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
     return JSONResponse(
         {"object": "list", "data": data, "has_more": False, "first_id": first, "last_id": last}
@@ -232,13 +234,17 @@ async def list_files() -> JSONResponse:
 
 
 async def retrieve_file(file_id: str) -> JSONResponse:
-    found = uploads.find(file_id)
-    return _not_found(file_id) if found is None else JSONResponse(_file_object(found[0]))
+    upload = await asyncio.to_thread(uploads.describe, file_id)
+    return _not_found(file_id) if upload is None else JSONResponse(_file_object(upload))
 
 
-async def file_content(file_id: str) -> Response:
+async def file_content(request: Request, file_id: str) -> Response:
     """The rows as kept (in the model dtype), as a safetensors file of one tensor."""
-    found = uploads.find(file_id)
+    try:
+        spec = _spec(request, errors.FILE_WHERE)
+        found = await asyncio.to_thread(uploads.find, file_id, spec)
+    except VLLMValidationError as exc:
+        return _refused(exc, "file_id")
     if found is None:
         return _not_found(file_id)
     from safetensors.torch import save
@@ -248,7 +254,7 @@ async def file_content(file_id: str) -> Response:
 
 
 async def delete_file(file_id: str) -> JSONResponse:
-    if not uploads.delete(file_id):
+    if not await asyncio.to_thread(uploads.delete, file_id):
         return _not_found(file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 

@@ -5,7 +5,9 @@ What: ``build_app`` also attaches ``POST /v1/load_soft_prompt`` and ``/v1/unload
 Files API over rows, ``/v1/files`` (``entrypoints.row_uploads``; not attached where vLLM has a
 ``/v1/files`` of its own); with ``--enable-prompt-embeds``, also the middleware that keeps big
 part strings away from FastAPI's JSON parser (``entrypoints.big_bodies``); and it sizes the
-reference store as this API server's share of ``CHAT_EMBEDS_REFERENCE_BYTES``. Why: vLLM's own way
+reference store as this API server's share of ``CHAT_EMBEDS_REFERENCE_BYTES``; with a shared row
+store, it names the ``--api-key`` realm its keys live in and adds the ``Retry-After`` header to
+its 503s (``stores.shared_store``). Why: vLLM's own way
 for plugins to add routes, the ``vllm.endpoint_plugins`` entry point group, loads a plugin only
 when the operator names it in ``VLLM_PLUGINS``, which is also the allowlist of general plugins;
 requiring that for the routes of a general plugin would be a trap. ``build_app`` looks
@@ -35,11 +37,14 @@ def apply(patch: Patch) -> None:
     ) -> None:
         original(args, app, supported_tasks, model_config)
         if "generate" in supported_tasks:
-            from ..entrypoints import big_bodies, row_uploads, soft_prompt_routes
-            from ..stores import references
+            from ..entrypoints import big_bodies, http_errors, row_uploads, soft_prompt_routes
+            from ..stores import references, shared_store
 
             api_servers = int(getattr(args, "api_server_count", None) or 1)
             references.share_among(api_servers)
+            shared_store.set_realm(getattr(args, "api_key", None))
+            if shared_store.active() is not None:
+                app.middleware("http")(http_errors.retry_after_header)
             soft_prompt_routes.attach(app, api_servers)
             row_uploads.attach(app)
             if getattr(args, "enable_prompt_embeds", False):

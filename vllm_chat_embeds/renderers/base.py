@@ -23,7 +23,7 @@ from ..errors import reject
 from ..kv_transfer.connectors import part_min_rows
 from ..limits import Limits
 from ..payload import PayloadSpec
-from ..stores import soft_prompts
+from ..stores import shared_store, soft_prompts
 from .parts import (
     EmbedsPlan,
     extract_parts,
@@ -83,6 +83,8 @@ class EmbedsRendererMixin:
         process that renders, for ``vllm serve`` and ``LLM`` alike."""
         enabled = self.embeds_enabled and self.placeholder_id is not None
         soft_prompts.STORE.configure(self.model_config, embeds_enabled=enabled)
+        if enabled:
+            shared_store.bind_model(self.model_config)
 
     def _tokenize_singleton_prompt(self, prompt: Any, params: Any) -> Any:
         from_text = isinstance(prompt, dict) and "prompt_token_ids" not in prompt
@@ -152,7 +154,9 @@ class EmbedsRendererMixin:
     async def _take_parts_async(
         self, messages: list[Any], params: Any
     ) -> tuple[list[Any], EmbedsPlan | None]:
-        if not has_embeds_data(messages):  # no parts, or parts by uuid only: no decoding
+        # No parts, or parts by uuid only: no decoding (and, without a shared row store, no
+        # waiting on one).
+        if not has_embeds_data(messages) and shared_store.active() is None:
             return self._take_parts(messages, params)
         # Decoding is CPU work: keep it off the event loop.
         loop = asyncio.get_running_loop()

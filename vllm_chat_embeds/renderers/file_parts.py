@@ -21,7 +21,7 @@ from typing import Any, Final
 import pybase64
 
 from ..payload import looks_like_safetensors
-from ..stores import references
+from ..stores import references, shared_store
 from ..stores.uploads import UPLOAD_ID_PREFIX
 
 FILE_TYPES: Final = frozenset({"file", "input_file"})
@@ -76,7 +76,9 @@ def holds_rows(part: object) -> bool:
     if not isinstance(file_id, str) or not file_id:
         return False
     return (
-        file_id.startswith(UPLOAD_ID_PREFIX) or references.process_store().peek(file_id) is not None
+        file_id.startswith(UPLOAD_ID_PREFIX)
+        or references.process_store().peek(file_id) is not None
+        or shared_store.exists(file_id)
     )
 
 

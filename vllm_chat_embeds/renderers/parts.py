@@ -24,7 +24,8 @@ from ..errors import reject
 from ..limits import Limits
 from ..payload import PayloadSpec, carried_dtype, decode_payload
 from ..placeholder import PLACEHOLDER_TOKEN
-from ..stores import references
+from ..stores import references, shared_store
+from ..stores.references import kept_rows_digest
 from ..stores.soft_prompts import named_part_rows
 from .file_parts import as_embeds_part, file_fields, holds_rows
 
@@ -305,12 +306,21 @@ def _resolve_rows(
         if uuid is not None:
             sent[uuid] = i
     for uuid, i in sent.items():
+        before = store.peek(uuid)
         rows[i] = store.put(uuid, cast(torch.Tensor, rows[i]))
+        shared_store.keep_through(
+            uuid, cast(torch.Tensor, rows[i]), None if before is None else kept_rows_digest(before)
+        )
+    named: dict[str, str] = {}  # uuid -> where the first part naming it without data sits
+    for i, slot in enumerate(located):
+        if rows[i] is None:
+            named.setdefault(cast(str, _uuid(parts[i], slot.where)), slot.where)
+    found = shared_store.resolve({u: w for u, w in named.items() if u not in sent}, spec, store)
     for i, slot in enumerate(located):
         if rows[i] is not None:
             continue
         uuid = cast(str, _uuid(parts[i], slot.where))
-        tensor = rows[sent[uuid]] if uuid in sent else store.get(uuid)
+        tensor = rows[sent[uuid]] if uuid in sent else found[uuid]
         # Rows kept for another model in this process (offline) are no rows for this one.
         if (
             tensor is None

@@ -36,7 +36,7 @@ MAX_UUID_CHARS: Final = 256
 _HASHES_ATTR: Final = "_vllm_chat_embeds_content_hashes"
 
 
-def _own_rows(rows: torch.Tensor, owned: bool = False) -> torch.Tensor:
+def _own_rows(rows: torch.Tensor, owned: bool = False, digest: str | None = None) -> torch.Tensor:
     """A copy of ``rows`` that only the store holds (``owned``: ``rows`` already is one).
 
     Why copy: the decoded rows may sit in a reused decode buffer (``decode_buffers``), which
@@ -54,7 +54,8 @@ def _own_rows(rows: torch.Tensor, owned: bool = False) -> torch.Tensor:
         if kept is None:
             kept = torch.empty(rows.shape, dtype=rows.dtype)
         kept.copy_(rows)
-    setattr(kept, _HASHES_ATTR, {})  # content hashes of these rows, computed once
+    # Content hashes of these rows, computed once (``digest``: already known for these rows).
+    setattr(kept, _HASHES_ATTR, {} if digest is None else {"sha256": digest})
     kept_rows_digest(kept)  # here, off the event loop (the async renderer's executor)
     return kept
 
@@ -87,12 +88,15 @@ class ReferenceStore:
     def enabled(self) -> bool:
         return self.capacity > 0
 
-    def put(self, uuid: str, rows: torch.Tensor, *, owned: bool = False) -> torch.Tensor:
+    def put(
+        self, uuid: str, rows: torch.Tensor, *, owned: bool = False, digest: str | None = None
+    ) -> torch.Tensor:
         """Keep ``rows`` under ``uuid``, replacing what it held; return the rows as kept.
 
         Rows larger than the whole store are not kept, and the uuid's old rows are forgotten
         even then: a later reference must never get rows other than the last ones sent.
         ``owned``: ``rows`` are a contiguous tensor nobody else holds, kept without a copy.
+        ``digest``: their ``rows_sha256``, when the caller has just checked it.
         """
         nbytes = rows.numel() * rows.element_size()
         if nbytes > self.capacity:  # also when the store is off (capacity 0)
@@ -101,7 +105,8 @@ class ReferenceStore:
             return rows
         # The old rows stay readable while the new ones are copied: a concurrent request
         # naming the uuid gets the old rows (it came first) instead of a miss.
-        kept = _own_rows(rows, owned)  # copied outside the lock: other requests go on meanwhile
+        # Copied outside the lock: other requests go on meanwhile.
+        kept = _own_rows(rows, owned, digest)
         with self._lock:
             self._forget(uuid)  # a concurrent put of the same uuid: the last one wins
             while self._held + nbytes > self.capacity:

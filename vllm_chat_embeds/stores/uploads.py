@@ -12,9 +12,11 @@ dtype) and kept in the reference store parts by ``uuid`` use (``stores/reference
 a further copy. A refused upload keeps nothing. The id is usable as a part's ``uuid`` and as a
 ``file`` part's ``file_id``.
 
-Per process, like the reference store: with several API server processes an upload is held by
-the process that took it; a chat reaching another one gets the usual
-``prompt_embeds_reference_unknown`` 400.
+Per process, like the reference store: with several API server processes (or replicas) an
+upload is held by the process that took it, and a chat reaching another one gets the usual
+``prompt_embeds_reference_unknown`` 400, unless they share a row store
+(``CHAT_EMBEDS_SHARED_STORE``, ``shared_store.py``): then every upload is written there before
+its id is handed out, and the Files API lists, reads and deletes the deployment's uploads.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import torch
 
@@ -42,7 +44,7 @@ from ..payload import (
     validate_tensor,
 )
 from ..transport import shared_rows
-from . import references
+from . import references, shared_store
 
 # Ids of uploaded rows; a file part's ``file_id`` with this prefix is always taken for rows.
 UPLOAD_ID_PREFIX: Final = "file-pe-"
@@ -50,6 +52,7 @@ UPLOAD_ID_PREFIX: Final = "file-pe-"
 _FILE_SLACK: Final = 4
 
 Kind = Literal["raw", "safetensors"]
+T = TypeVar("T")
 
 
 def new_upload_id() -> str:
@@ -235,8 +238,12 @@ def keep(
     rows: torch.Tensor, spec: PayloadSpec, where: str, *, filename: str, purpose: str, size: int
 ) -> tuple[Upload, torch.Tensor]:
     """Validate received rows as a part's and keep them under a fresh id (blocking work: the
-    NaN/Inf scan, a cast to the dtype rows travel in, the content digest; run it off the event
-    loop)."""
+    NaN/Inf scan, a cast to the dtype rows travel in, the content digest, the write to the
+    shared store; run it off the event loop).
+
+    With a shared store, the id is only handed out once the store holds the rows: an id only
+    this process knew would fail on every other replica. A store fault is a 503, nothing kept.
+    """
     validated = validate_tensor(rows, where, spec, pooled=False)
     del rows  # a cast leaves the received buffer unused: free it before keeping the rows
     store = references.process_store()
@@ -245,6 +252,16 @@ def keep(
         reject(errors.UPLOAD_OVER_STORE, where=where, size=nbytes, limit=store.capacity)
     upload = Upload(new_upload_id(), filename, purpose, size, int(time.time()))
     kept = store.put(upload.id, validated, owned=True)
+    shared = shared_store.active()
+    if shared is not None:
+        fields = shared_store.FileFields(filename, purpose, size, upload.created_at)
+        try:
+            shared.write(upload.id, kept, references.kept_rows_digest(kept) or "", fields)
+        except shared_store.StoreUnavailable as exc:
+            store.remove(upload.id)
+            raise shared.unavailable(
+                errors.SHARED_STORE_UPLOAD_DOWN, where=where, reason=exc
+            ) from exc
     with _uploads_lock:
         _prune()
         _uploads[upload.id] = upload
@@ -257,26 +274,62 @@ def _prune() -> None:
         del _uploads[upload_id]
 
 
-def find(upload_id: str) -> tuple[Upload, torch.Tensor] | None:
-    """An upload whose rows are still held (under its id, by any route), or None."""
-    rows = references.process_store().peek(upload_id)
-    if rows is None:
+def _shared_call(action: Callable[[shared_store.SharedStore], T]) -> T | None:
+    """``action`` on the shared store (None without one); a fault is the Files API's 503."""
+    shared = shared_store.active()
+    if shared is None:
+        return None
+    try:
+        return action(shared)
+    except shared_store.StoreUnavailable as exc:
+        raise shared.unavailable(errors.SHARED_STORE_FILES_DOWN, reason=exc) from exc
+
+
+def describe(upload_id: str) -> Upload | None:
+    """What the Files API says of an upload still held (with a shared store: by the
+    deployment), or None."""
+    shared = _shared_call(lambda s: s.file_fields(upload_id))
+    if shared_store.active() is not None:
+        f = shared
+        return (
+            None if f is None else Upload(upload_id, f.filename, f.purpose, f.bytes, f.created_at)
+        )
+    if references.process_store().peek(upload_id) is None:
         return None
     with _uploads_lock:
-        upload = _uploads.get(upload_id)
-    return None if upload is None else (upload, rows)
+        return _uploads.get(upload_id)
+
+
+def find(upload_id: str, spec: PayloadSpec) -> tuple[Upload, torch.Tensor] | None:
+    """An upload and its rows (read from the shared store, checked and held here from then on,
+    when another process took it), or None."""
+    upload = describe(upload_id)
+    if upload is None:
+        return None
+    if shared_store.active() is None:
+        rows = references.process_store().peek(upload_id)
+    else:
+        where = f"{errors.FILE_WHERE} {upload_id}"
+        rows = shared_store.resolve({upload_id: where}, spec, references.process_store())[upload_id]
+    return None if rows is None else (upload, rows)
 
 
 def listing() -> list[Upload]:
-    """Uploads whose rows are still held, oldest first. Rows kept by a part's own uuid are
-    not listed: their uuids are the clients' secrets."""
+    """Uploads whose rows are still held, oldest first (with a shared store: the deployment's).
+    Rows kept by a part's own uuid are not listed: their uuids are the clients' secrets."""
+    shared = _shared_call(lambda s: s.files())
+    if shared is not None:
+        return [Upload(i, f.filename, f.purpose, f.bytes, f.created_at) for i, f in shared]
     with _uploads_lock:
         _prune()
         return list(_uploads.values())
 
 
 def delete(upload_id: str) -> bool:
-    """Forget an upload and its rows; whether it was held."""
+    """Forget an upload and its rows (with a shared store: for every process); whether it
+    was held."""
     with _uploads_lock:
         known = _uploads.pop(upload_id, None) is not None
-    return references.process_store().remove(upload_id) and known
+    held = references.process_store().remove(upload_id) and known
+    removed = _shared_call(lambda s: s.delete(upload_id))
+    return held if removed is None else removed or held

@@ -19,8 +19,11 @@ vLLM server. Each request goes twice, whole: to the prefill server with
 there), then to the decode server with the ``kv_transfer_params`` the prefill answer returned
 (the decode server pulls that KV over NIXL and computes only what is left). Both servers render
 the same chat, so both need every part: its rows inline, or the same uuid or upload id held by
-both. The prefill server's error is passed on as it came; streaming is passed through from
-the decode server.
+both. With ``--shared-store`` (both servers started with the same
+``CHAT_EMBEDS_SHARED_STORE=redis://...``), the decode request carries parts by reference alone:
+the prefill server has written every part sent with a uuid to the store before it answered, and
+the decode server reads it from there, so rows cross the network once. The prefill server's
+error is passed on as it came; streaming is passed through from the decode server.
 
 Only the standard library and ``httpx`` (a dependency of ``openai`` and of vLLM) are used.
 """
@@ -50,15 +53,45 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     return prefill
 
 
-def decode_body(body: dict[str, Any], kv_transfer_params: dict[str, Any]) -> dict[str, Any]:
-    """The request as the decode server gets it: the same request, plus where its KV is."""
-    return {**body, "kv_transfer_params": kv_transfer_params}
+# What a part sent with its data also carries, dropped with the data (--shared-store).
+PART_DATA_KEYS = ("data", "encoding", "dtype", "shape")
+
+
+def by_reference(part: Any) -> Any:
+    """A part that names its rows (a prompt_embeds ``uuid``, a file part's ``file_id``) without
+    its data; any other content as it is."""
+    if not isinstance(part, dict):
+        return part
+    if part.get("type") == "prompt_embeds" and part.get("uuid") and part.get("data"):
+        return {k: v for k, v in part.items() if k not in PART_DATA_KEYS}
+    file = part.get("file")
+    if part.get("type") == "file" and isinstance(file, dict) and file.get("file_id"):
+        return {**part, "file": {k: v for k, v in file.items() if k != "file_data"}}
+    return part
+
+
+def decode_body(
+    body: dict[str, Any], kv_transfer_params: dict[str, Any], *, shared_store: bool = False
+) -> dict[str, Any]:
+    """The request as the decode server gets it: the same request, plus where its KV is (with
+    a shared row store: parts by reference alone)."""
+    decode = {**body, "kv_transfer_params": kv_transfer_params}
+    messages = body.get("messages")
+    if shared_store and isinstance(messages, list):
+        decode["messages"] = [
+            {**m, "content": [by_reference(p) for p in m["content"]]}
+            if isinstance(m, dict) and isinstance(m.get("content"), list)
+            else m
+            for m in messages
+        ]
+    return decode
 
 
 class Proxy:
-    def __init__(self, prefill: str, decode: str) -> None:
+    def __init__(self, prefill: str, decode: str, *, shared_store: bool = False) -> None:
         self.prefill = prefill.rstrip("/")
         self.decode = decode.rstrip("/")
+        self.shared_store = shared_store
         self.client = httpx.Client(timeout=TIMEOUT_S)
 
     def forward(
@@ -75,7 +108,10 @@ class Proxy:
                                "type": "BadGateway", "code": 502}}  # fmt: skip
             return 502, {"content-type": "application/json"}, iter([json.dumps(error).encode()])
         request = self.client.build_request(
-            "POST", self.decode + route, json=decode_body(body, params), headers=headers
+            "POST",
+            self.decode + route,
+            json=decode_body(body, params, shared_store=self.shared_store),
+            headers=headers,
         )
         second = self.client.send(request, stream=True)
 
@@ -126,11 +162,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prefill", required=True, help="the kv_producer server's base URL")
     parser.add_argument("--decode", required=True, help="the kv_consumer server's base URL")
+    parser.add_argument(
+        "--shared-store",
+        action="store_true",
+        help="both servers share CHAT_EMBEDS_SHARED_STORE: send the decode server parts by "
+        "reference alone",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     server = ThreadingHTTPServer(
-        (args.host, args.port), handler_for(Proxy(args.prefill, args.decode))
+        (args.host, args.port),
+        handler_for(Proxy(args.prefill, args.decode, shared_store=args.shared_store)),
     )
     print(f"proxy: http://{args.host}:{args.port} -> {args.prefill} then {args.decode}", flush=True)
     try:

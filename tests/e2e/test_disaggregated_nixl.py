@@ -15,7 +15,9 @@ transfers between steps, and on two shared cores they starved each other into de
 from __future__ import annotations
 
 import json
+import runpy
 import threading
+import uuid as uuidlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -28,6 +30,8 @@ from chat_cases import CASES, as_text, render
 from conftest import REPO, TEST_SERVER_ARGS, free_port, run_server, server_env
 from kv_cases import BLOCK_SIZE, EXTERNAL_HITS, LAYOUTS, X_TEXT, as_parts, as_plain_text, metric
 
+from vllm_chat_embeds.client import upload_rows
+
 pytestmark = pytest.mark.e2e
 pytest.importorskip("nixl._api", reason="NIXL is installed by make install ([dev] extra)")
 
@@ -35,7 +39,7 @@ GREEDY = {"temperature": 0.0, "max_tokens": 8}
 LOCAL_HITS = "vllm:prefix_cache_hits_total"
 
 
-def nixl_server(model: Path, cache_root: str, role: str, core: str):
+def nixl_server(model: Path, cache_root: str, role: str, core: str, store_url: str):
     config = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
     env = server_env(
         trap=True,
@@ -46,6 +50,7 @@ def nixl_server(model: Path, cache_root: str, role: str, core: str):
             "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
             "VLLM_CPU_OMP_THREADS_BIND": core,
+            "CHAT_EMBEDS_SHARED_STORE": store_url,  # for the --shared-store proxy
         },
     )
     args = [*TEST_SERVER_ARGS, *BLOCK_SIZE, "--kv-transfer-config", json.dumps(config)]
@@ -56,6 +61,7 @@ class Pair:
     def __init__(self, prefill, decode, proxy_url: str) -> None:
         self.prefill, self.decode, self.url = prefill, decode, proxy_url
         self.model = prefill.model
+        self.by_reference: Pair | None = None
 
     def chat(self, messages: list, **extra) -> dict:
         body = {"model": self.model, "messages": messages, **GREEDY, **extra}
@@ -72,19 +78,28 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_model, vllm_cache_root) -> Iterator[Pair]:
-    import runpy
-
+def pair(tiny_model, vllm_cache_root, redis_store) -> Iterator[Pair]:
+    """The two servers (sharing a row store) behind the example proxy; ``pair.by_reference``:
+    the same servers behind the proxy started with ``--shared-store``."""
     proxy_module = runpy.run_path(str(REPO / "examples" / "disaggregated_proxy.py"))
     with ExitStack() as stack:
-        prefill = stack.enter_context(nixl_server(tiny_model, vllm_cache_root, "kv_producer", "0"))
-        decode = stack.enter_context(nixl_server(tiny_model, vllm_cache_root, "kv_consumer", "1"))
-        proxy = proxy_module["Proxy"](prefill.base_url, decode.base_url)
-        httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), proxy_module["handler_for"](proxy))
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        stack.callback(httpd.server_close)
-        stack.callback(httpd.shutdown)
-        ready = Pair(prefill, decode, f"http://127.0.0.1:{httpd.server_address[1]}")
+        servers = [
+            stack.enter_context(
+                nixl_server(tiny_model, vllm_cache_root, role, core, redis_store.url)
+            )
+            for role, core in (("kv_producer", "0"), ("kv_consumer", "1"))
+        ]
+        urls = []
+        for shared in (False, True):
+            proxy = proxy_module["Proxy"](*(s.base_url for s in servers), shared_store=shared)
+            handler = proxy_module["handler_for"](proxy)
+            httpd = ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+            stack.callback(httpd.server_close)
+            stack.callback(httpd.shutdown)
+            urls.append(f"http://127.0.0.1:{httpd.server_address[1]}")
+        ready = Pair(*servers, urls[0])
+        ready.by_reference = Pair(*servers, urls[1])
         warm_up(ready)
         yield ready
 
@@ -166,6 +181,27 @@ def test_parts_by_uuid_resolve_on_both_servers(pair, table):
 
     assert answer(pair.chat(with_uuid(data=True))) == reference
     assert answer(pair.chat(with_uuid(data=False))) == reference
+
+
+def test_shared_store_proxy_sends_the_decode_server_references_only(pair, table):
+    """With a shared row store, the proxy strips the rows from the decode request: the decode
+    server reads the part the prefill server wrote (a fresh uuid: nothing held before), and an
+    upload taken by the prefill server alone resolves on both."""
+    proxy_module = runpy.run_path(str(REPO / "examples" / "disaggregated_proxy.py"))
+    shared = pair.by_reference
+    assert shared is not None
+    reference = answer(pair.chat(as_plain_text("middle", X_TEXT)))
+    messages = as_parts("middle", X_TEXT, table)
+    part = messages[0]["content"][1]
+    part["uuid"] = uuidlib.uuid4().hex
+    stripped = proxy_module["decode_body"]({"messages": messages}, {}, shared_store=True)[
+        "messages"
+    ][0]["content"][1]
+    assert stripped == {"type": "prompt_embeds", "uuid": part["uuid"]}
+    assert answer(shared.chat(messages)) == reference
+    uploaded = upload_rows(pair.prefill.base_url + "/v1", table.rows(X_TEXT))
+    messages[0]["content"][1] = uploaded
+    assert answer(shared.chat(messages)) == reference
 
 
 # Malformed kv_transfer_params on the decode request: a 400 naming the field. (vLLM alone: the

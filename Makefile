@@ -53,7 +53,7 @@ CORE_TESTS += tests/unit/test_uploads.py tests/e2e/test_row_uploads_online.py \
 	--deselect tests/e2e/test_row_uploads_online.py::test_api_key_guards_every_upload_route \
 	--deselect tests/e2e/test_row_uploads_online.py::test_two_api_servers_each_hold_their_own_uploads
 
-.PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model \
+.PHONY: install serve test test-vllm032 test-vllm033 venv-vllm033 bench lint demo-model redis-server \
 	upstream-check
 
 install: $(STAMP)
@@ -83,7 +83,7 @@ serve: demo-model
 # each): the full suite on 0.32, and the end-to-end core on the 0.33 harness (built first, so
 # a broken harness fails before the long run), whose output follows the 0.32 run's.
 CORE_LOG := $(MODELS)/test-vllm033.log
-test: install venv-vllm033
+test: install venv-vllm033 redis-server
 	@mkdir -p $(MODELS)
 	@$(VENV033)/bin/python -m pytest $(CORE_TESTS) > $(CORE_LOG) 2>&1 & core=$$!; \
 	trap 'kill $$core 2>/dev/null' INT TERM; \
@@ -93,13 +93,23 @@ test: install venv-vllm033
 	echo "=== vLLM 0.32: exit $$full; vLLM 0.33 harness: exit $$harness ==="; \
 	test $$full -eq 0 -a $$harness -eq 0
 
-test-vllm032: install
+test-vllm032: install redis-server
 	$(BIN)/python -m pytest
 
 test-vllm033: venv-vllm033
 	$(VENV033)/bin/python -m pytest $(CORE_TESTS)
 
 venv-vllm033: $(STAMP033)
+
+# The shared row store's tests start a real Redis (tests/redis_server.py): Debian's package,
+# installed when missing (as root, or through sudo).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server (Debian package) for the shared row store's tests"; \
+		SUDO=$$(test "$$(id -u)" -eq 0 || echo sudo); \
+		$$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; \
+		command -v redis-server >/dev/null; }
 
 # Rebuilt when .venv is reinstalled; the wheel is downloaded once into $(WHEELS).
 $(STAMP033): $(STAMP) tools/build_vllm033_venv.py

@@ -27,6 +27,7 @@ from ..stores import shared_store, soft_prompts
 from .parts import (
     EmbedsPlan,
     extract_parts,
+    first_embeds_part,
     has_embeds_data,
     reject_reserved_text,
     reserve_placeholder_text,
@@ -154,9 +155,13 @@ class EmbedsRendererMixin:
     async def _take_parts_async(
         self, messages: list[Any], params: Any
     ) -> tuple[list[Any], EmbedsPlan | None]:
-        # No parts, or parts by uuid only: no decoding (and, without a shared row store, no
-        # waiting on one).
-        if not has_embeds_data(messages) and shared_store.active() is None:
+        # No parts, or parts by uuid only: no decoding; but with a shared row store, a part by
+        # uuid may wait on the store, which must not block the event loop.
+        if shared_store.active() is None:
+            inline = not has_embeds_data(messages)
+        else:
+            inline = first_embeds_part(messages) is None
+        if inline:
             return self._take_parts(messages, params)
         # Decoding is CPU work: keep it off the event loop.
         loop = asyncio.get_running_loop()

@@ -50,29 +50,170 @@ def _raw_bytes(value: Any, dtype: WireDtype) -> bytes:
     return np.ascontiguousarray(value, dtype=_NUMPY_DTYPES[dtype]).tobytes()
 
 
-def embedding_rows(model_dir: str | Path, text: str) -> Any:
-    """The rows of a local checkpoint's input-embedding table for ``text``'s tokens.
+# What vLLM's ``embed_input_ids`` does to the embedding table's rows, per family (the text
+# model's ``model_type`` in config.json). Facts read from vLLM 0.32/0.33's model classes;
+# tests/unit/test_embedding_rows.py checks each against the installed vLLM's sources. A family
+# in neither table is refused: guessing would give a part another answer than its text.
+SQRT_HIDDEN_FAMILIES: Final = frozenset(
+    {"gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "gemma4",
+     "gemma4_text", "rnj1"}
+)  # fmt: skip  # rows x sqrt(hidden_size), in the model dtype
+CONFIG_SCALE_FAMILIES: Final = {"minicpm": "scale_emb"}  # rows x that config field
+TABLE_ROW_FAMILIES: Final = frozenset(
+    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3",
+     "granite", "granitemoe", "deepseek_v2", "deepseek_v3", "internlm2", "exaone4"}
+)  # fmt: skip  # the table's rows as they are (Granite multiplies after them, rows included)
+# Architectures whose embedding step scales by something the checkpoint alone does not settle
+# for the helper (Granite 4 Vision applies its text model's multiplier there, HrmText a factor
+# from its init range): refused, never guessed.
+REFUSED_ARCHITECTURES: Final = frozenset(
+    {"Granite4VisionForConditionalGeneration", "HrmTextForCausalLM"}
+)
+_DTYPE_NAMES: Final = {"float32", "float16", "bfloat16"}
 
-    A part holding these rows must give the same greedy answer as ``text`` sent as text: the
-    quickest check that a setup works. Needs ``transformers`` and ``safetensors`` (one
-    ``model.safetensors`` file); returns a NumPy array (a ``torch.Tensor`` for bfloat16 tables).
+
+class UnknownFamilyError(ValueError):
+    """``embedding_rows`` does not know what a model's embedding step does to its rows."""
+
+
+def _model_path(model: str | Path) -> Path:
+    """A model directory, or a ``vllm serve``-style hub id already in the local hub cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except Exception as exc:
+        raise FileNotFoundError(
+            f"{model!r} is neither a model directory nor a model in the local hub cache"
+        ) from exc
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    text = config.get("text_config")
+    return text if isinstance(text, dict) and text.get("model_type") else config
+
+
+def _table_name(keys: list[str]) -> str:
+    """The input-embedding table among a checkpoint's tensors (a tied head when alone)."""
+    names = [k for k in keys if k.endswith("embed_tokens.weight")]
+    names = names or [k for k in keys if k.endswith("lm_head.weight")]
+    if not names:
+        raise ValueError("no embed_tokens.weight (or tied lm_head.weight) in the checkpoint")
+    # A multimodal checkpoint may hold several: the language model's is the text path's.
+    return min(names, key=lambda k: (0 if "language_model" in k else 1, len(k)))
+
+
+def _table_file(model_dir: Path) -> tuple[Path, str]:
+    """The safetensors file holding the table, single or sharded (``*.index.json``)."""
+    import json
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        name = _table_name(list(weight_map))
+        return model_dir / weight_map[name], name
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(
+            f"no model.safetensors or model.safetensors.index.json in {model_dir}"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="np") as f:
+        return single, _table_name(list(f.keys()))
+
+
+def embedding_rows(model_dir: str | Path, text: str, *, dtype: str | None = None) -> Any:
+    """The rows a served model's text path feeds its first layer for ``text``'s tokens.
+
+    A part holding them gives the same greedy answer as ``text`` sent as text. They are the
+    checkpoint's embedding-table rows times the factor the model family's embedding step
+    applies (Gemma: sqrt(hidden_size), in the served dtype ``dtype``, by default the
+    checkpoint's ``torch_dtype``); a family it does not know raises ``UnknownFamilyError``
+    (use ``rows_for_text``, which asks the server). ``model_dir``: a model directory (one
+    ``model.safetensors`` or sharded with its index) or a hub id in the local cache. Needs
+    ``transformers`` and ``safetensors``; returns a NumPy array, or a ``torch.Tensor`` for
+    bfloat16.
     """
+    import json
+    import math
+
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    ids = AutoTokenizer.from_pretrained(str(model_dir)).encode(text, add_special_tokens=False)
-    path = str(model_dir / "model.safetensors")
-    with safe_open(path, framework="np") as f:
-        keys = list(f.keys())
-    name = next((k for k in keys if k.endswith("embed_tokens.weight")), None)
-    name = name or next(k for k in keys if k.endswith("lm_head.weight"))  # tied weights
+    path = _model_path(model_dir)
+    config = json.loads((path / "config.json").read_text())
+    text_config = _text_config(config)
+    family = str(text_config.get("model_type"))
+    if REFUSED_ARCHITECTURES & set(config.get("architectures") or ()):
+        family = f"{family} ({', '.join(config['architectures'])})"
+        scale: float | None = math.nan
+    elif family in SQRT_HIDDEN_FAMILIES:
+        scale: float | None = math.sqrt(float(text_config["hidden_size"]))
+    elif family in CONFIG_SCALE_FAMILIES:
+        scale = float(text_config[CONFIG_SCALE_FAMILIES[family]])
+    elif family in TABLE_ROW_FAMILIES:
+        scale = None
+    else:
+        scale = math.nan
+    if scale is not None and math.isnan(scale):
+        raise UnknownFamilyError(
+            f"embedding_rows does not know what model type {family!r} does to its embedding "
+            "rows; use vllm_chat_embeds.client.rows_for_text(base_url, text), which asks the "
+            "served model itself"
+        )
+    served = dtype or text_config.get("torch_dtype") or config.get("torch_dtype") or "float32"
+    if served not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}; got {served!r}")
+    ids = AutoTokenizer.from_pretrained(str(path)).encode(text, add_special_tokens=False)
+    file, name = _table_file(path)
     try:
-        with safe_open(path, framework="np") as f:
-            return f.get_slice(name)[:][ids]
+        with safe_open(str(file), framework="np") as f:
+            rows = f.get_slice(name)[:][ids]
+        if served == "bfloat16":
+            raise TypeError("bfloat16 rows are returned as torch tensors")
+
+        rows = rows.astype(_NUMPY_DTYPES[served])
+        return rows if scale is None else rows * rows.dtype.type(scale)
     except (TypeError, ValueError):  # NumPy has no bfloat16
-        with safe_open(path, framework="pt") as f:
-            return f.get_tensor(name)[ids].clone()
+        import torch
+
+        with safe_open(str(file), framework="pt") as f:
+            table = f.get_slice(name)[:]
+        wanted = getattr(torch, served)
+        out = table[ids].to(wanted)
+        return out if scale is None else out * torch.tensor(scale, dtype=wanted)
+
+
+def rows_for_text(
+    base_url: str, text: str, *, api_key: str | None = None, timeout: float = 600.0
+) -> tuple[dict[str, Any], Any]:
+    """Ask the server for the served model's own rows of ``text`` (``POST /v1/prompt_embeds``
+    with ``{"text": ...}``), exact on every model family. Returns the part naming them (kept by
+    the server like an upload) and the rows (a ``torch.Tensor``, read back through
+    ``GET /v1/files/{id}/content``), for checking a client's own encoder against the model."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        base_url.rstrip("/") + "/prompt_embeds",
+        data=json.dumps({"text": text}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", **_auth_headers(api_key)},
+    )
+    answer = _send(request, timeout)
+    content = urllib.request.Request(
+        base_url.rstrip("/") + f"/files/{answer['id']}/content",
+        headers=_auth_headers(api_key),
+    )
+    with urllib.request.urlopen(content, timeout=timeout) as response:
+        from safetensors.torch import load
+
+        rows = next(iter(load(response.read()).values()))
+    return answer["part"], rows
 
 
 def prompt_embeds_part(
@@ -229,7 +370,6 @@ def upload_rows(
     another API server process, may get ``prompt_embeds_reference_unknown``: upload again (or
     let ``Conversation`` handle it). Raises ``UploadError`` on an error answer.
     """
-    import json
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -249,12 +389,20 @@ def upload_rows(
         method="POST",
         headers={"Content-Type": media_type, **_auth_headers(api_key)},
     )
+    return dict(_send(request, timeout)["part"])
+
+
+def _send(request: Any, timeout: float) -> dict[str, Any]:
+    """An upload request's JSON answer; ``UploadError`` on an error answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            answer = json.loads(response.read())
+            return dict(json.loads(response.read()))
     except urllib.error.HTTPError as exc:
         raise UploadError(exc.code, exc.read().decode(errors="replace")) from None
-    return dict(answer["part"])
 
 
 class UploadError(RuntimeError):

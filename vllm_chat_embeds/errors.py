@@ -225,8 +225,19 @@ SHARED_VALUE_BAD: Final = (
 # the upload (UPLOAD_WHERE, FILE_WHERE).
 UPLOAD_WHERE: Final = "upload"
 FILE_WHERE: Final = "file"
+TEXT_ROWS_WHERE: Final = "text"
+TEXT_ROWS_TEXT: Final = (
+    "{where}: POST /v1/prompt_embeds with a JSON body takes a 'text' field, a non-empty string "
+    "whose rows the served model computes; got {got}."
+)
+TEXT_ROWS_SPECIAL: Final = "{where}: add_special_tokens must be true or false; got {got}."
+TEXT_ROWS_TOKENS: Final = (
+    "{where}: the text tokenizes to ids outside this model's vocabulary of {vocab} (or to the "
+    "reserved <prompt_embeds> token); only text the model embeds itself has rows."
+)
 UPLOAD_MEDIA_TYPE: Final = (
     "POST /v1/prompt_embeds takes the rows as the request body: Content-Type "
+    "application/json (a 'text' field: the served model computes its rows), "
     "application/octet-stream (row-major little-endian values, with the dtype and shape query "
     "parameters) or application/safetensors (a safetensors file of one tensor); got {got!r}."
 )

@@ -30,6 +30,7 @@ from .http_errors import error_response
 UPLOAD_PATH: Final = "/v1/prompt_embeds"
 FILES_PATH: Final = "/v1/files"
 RAW_MEDIA_TYPES: Final = frozenset({"application/octet-stream"})
+JSON_MEDIA_TYPE: Final = "application/json"  # {"text": ...}: the served model's rows for it
 SAFETENSORS_MEDIA_TYPES: Final = frozenset(
     {"application/safetensors", "application/x-safetensors", "application/vnd.safetensors"}
 )
@@ -119,6 +120,8 @@ def _refused(exc: VLLMValidationError, param: str) -> JSONResponse:
 async def upload_prompt_embeds(request: Request) -> JSONResponse:
     """Rows as the body: raw (``dtype``, ``shape`` query parameters or headers) or safetensors."""
     media = _media_type(request)
+    if media == JSON_MEDIA_TYPE:
+        return await _rows_for_text(request)
     if media in RAW_MEDIA_TYPES:
         kind: Kind = "raw"
     elif media in SAFETENSORS_MEDIA_TYPES:
@@ -144,6 +147,11 @@ async def upload_prompt_embeds(request: Request) -> JSONResponse:
         )
     except VLLMValidationError as exc:
         return _refused(exc, "body")
+    return _uploaded(upload, rows)
+
+
+def _uploaded(upload: Upload, rows: Any, **more: Any) -> JSONResponse:
+    """The upload route's answer: the id and the parts naming it."""
     return JSONResponse(
         {
             "id": upload.id,
@@ -155,8 +163,45 @@ async def upload_prompt_embeds(request: Request) -> JSONResponse:
             "dtype": str(rows.dtype).removeprefix("torch."),
             "bytes": upload.bytes,
             "created_at": upload.created_at,
+            **more,
         }
     )
+
+
+async def _rows_for_text(request: Request) -> JSONResponse:
+    """``{"text": ..., "add_special_tokens": false}``: the served model's own input rows for the
+    text's tokens (``model_rows.py``), kept like an upload; the answer adds their ``token_ids``.
+    A part holding them gives the text's answer on any model family."""
+    from .. import model_rows
+
+    where = errors.TEXT_ROWS_WHERE
+    try:
+        spec = _spec(request, where)
+        body = await request.json()
+        text = body.get("text") if isinstance(body, dict) else None
+        special = body.get("add_special_tokens", False) if isinstance(body, dict) else False
+        if not isinstance(text, str) or not text:
+            errors.reject(errors.TEXT_ROWS_TEXT, where=where, got=type(text).__name__)
+        if not isinstance(special, bool):
+            errors.reject(errors.TEXT_ROWS_SPECIAL, where=where, got=type(special).__name__)
+        renderer = request.app.state.engine_client.renderer
+        ids = list(renderer.get_tokenizer().encode(text, add_special_tokens=special))
+        vocab = int(renderer.model_config.get_vocab_size())
+        if not ids or any(not 0 <= i < vocab or i == renderer.placeholder_id for i in ids):
+            errors.reject(errors.TEXT_ROWS_TOKENS, where=where, vocab=vocab)
+        if len(ids) > spec.max_rows:
+            errors.reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
+        rows = await model_rows.rows_for_ids(request.app.state.engine_client, ids)
+        upload, kept = await asyncio.to_thread(
+            uploads.keep, rows, spec, where, filename="text-rows.safetensors",
+            purpose=UPLOAD_PURPOSE, size=int(rows.numel() * rows.element_size()),
+        )  # fmt: skip
+    except VLLMValidationError as exc:
+        return _refused(exc, "text")
+    except ValueError:  # the body is not JSON
+        message = errors.TEXT_ROWS_TEXT.format(where=where, got="a body that is not JSON")
+        return error_response(message, HTTPStatus.BAD_REQUEST, "text")
+    return _uploaded(upload, kept, token_ids=ids)
 
 
 def _form_error(problem: str, param: str | None) -> JSONResponse:

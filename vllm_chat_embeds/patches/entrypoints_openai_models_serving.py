@@ -2,8 +2,11 @@
 
 What: ``/v1/models`` lists each soft prompt (``stores/soft_prompts.py``) as a model whose
 ``parent`` is the base model, as it lists LoRA adapters; responses to a request made to a soft
-prompt carry its name in ``model``. Why: ``OpenAIServingModels`` builds both from the base
-model paths and LoRA requests only. When it can go: with the served-name hook that would let
+prompt carry its name in ``model``; with ``--enable-prompt-embeds`` every card also says what a
+part must hold for the model (``prompt_embeds``: hidden size, dtypes, encodings, limits, the
+model's embedding scale, the upload routes; ``model_rows.describe``). Why: ``OpenAIServingModels``
+builds both from the base model paths and LoRA requests only, and no card says what a part
+holds. When it can go: with the served-name hook that would let
 ``entrypoints_serve_engine_serving`` go.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..model_rows import describe
 from ..stores.soft_prompts import STORE, active_name
 from . import Patch, check
 
@@ -32,6 +36,7 @@ def apply(patch: Patch) -> None:
 
     async def _show_available_models(self: Any) -> Any:
         listing = await show_available_models(self)
+        rows = await describe(self.engine_client)
         listed = {card.id for card in listing.data}
         parent = self.base_model_paths[0].name
         for prompt in STORE.items():
@@ -46,6 +51,9 @@ def apply(patch: Patch) -> None:
                     permission=[ModelPermission()],
                 )
             )
+        if rows is not None:
+            for card in listing.data:
+                card.prompt_embeds = rows  # ModelCard takes extra fields (OpenAI's models do)
         return listing
 
     def _model_name(self: Any, lora_request: Any = None) -> str:

@@ -8,12 +8,18 @@ removes the link), else from the rows sent and those this worker keeps
 (``stores/engine_rows.py``). Why and when it can go: see ``v1_engine_core_client``. Under
 vLLM's ``--enable-shm-tensor-arena`` the rows arrive as views of the arena's slots, so rows to
 keep are copied out of them.
+
+Also: ``Worker`` gets ``model_rows.WORKER_METHOD``, so the API server can ask the served model
+for its input rows of given token ids through ``collective_rpc`` (``model_rows.py``: rows for
+a text, the embedding scale ``/v1/models`` reports). Why: vLLM has no call that returns what
+``embed_input_ids`` gives. When it can go: when vLLM exposes one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..model_rows import WORKER_METHOD, embed_on_worker
 from ..stores.engine_rows import KeptRows, attached, incoming, span_digests
 from . import Patch, check
 from .v1_executor_multiproc_executor import WIRES_ATTR
@@ -50,4 +56,8 @@ def apply(patch: Patch) -> None:
         restore_rows(self, scheduler_output)
         return original(self, scheduler_output)
 
+    def embed_ids(self: Any, token_ids: list[int] | None) -> dict[str, Any]:
+        return embed_on_worker(self, token_ids)
+
     cls.execute_model = execute_model
+    setattr(cls, WORKER_METHOD, embed_ids)

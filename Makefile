@@ -49,6 +49,12 @@ CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 # missed the 240 s start-up and a request timed out on the 0.33 harness (clean-clone run).
 CORE_TESTS += tests/unit/test_row_keys.py tests/unit/test_kv_connectors_policy.py
 
+# The shared row store's and the embedding helper's unit tests; the served model's own rows for a
+# text and /v1/models (the worker method meets 0.33's worker and collective_rpc).
+CORE_TESTS += tests/unit/test_shared_store.py tests/unit/test_embedding_rows.py \
+	tests/e2e/test_model_families.py --deselect \
+	tests/e2e/test_model_families.py::test_text_and_embedding_rows_agree_in_every_layout
+
 CORE_TESTS += tests/unit/test_uploads.py tests/e2e/test_row_uploads_online.py \
 	--deselect tests/e2e/test_row_uploads_online.py::test_api_key_guards_every_upload_route \
 	--deselect tests/e2e/test_row_uploads_online.py::test_two_api_servers_each_hold_their_own_uploads

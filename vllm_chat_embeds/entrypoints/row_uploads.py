@@ -39,6 +39,9 @@ DTYPE_HEADER: Final = "x-prompt-embeds-dtype"
 SHAPE_HEADER: Final = "x-prompt-embeds-shape"
 UPLOAD_PURPOSE: Final = "prompt_embeds"
 _FILE_CHUNK: Final = 1 << 20
+# No tokenizer's token spans more characters than this: a longer text has more tokens than
+# rows allowed, refused before the tokenizer runs (off the event loop) over all of it.
+_CHARS_PER_ROW_BOUND: Final = 1024
 
 
 def _spec(request: Request, where: str) -> PayloadSpec:
@@ -184,8 +187,11 @@ async def _rows_for_text(request: Request) -> JSONResponse:
             errors.reject(errors.TEXT_ROWS_TEXT, where=where, got=type(text).__name__)
         if not isinstance(special, bool):
             errors.reject(errors.TEXT_ROWS_SPECIAL, where=where, got=type(special).__name__)
+        if len(text) > spec.max_rows * _CHARS_PER_ROW_BOUND:  # before tokenizing all of it
+            errors.reject(errors.TOO_MANY_ROWS, where=where, limit=spec.rows_limit)
         renderer = request.app.state.engine_client.renderer
-        ids = list(renderer.get_tokenizer().encode(text, add_special_tokens=special))
+        encode = renderer.get_tokenizer().encode
+        ids = list(await asyncio.to_thread(encode, text, add_special_tokens=special))
         vocab = int(renderer.model_config.get_vocab_size())
         if not ids or any(not 0 <= i < vocab or i == renderer.placeholder_id for i in ids):
             errors.reject(errors.TEXT_ROWS_TOKENS, where=where, vocab=vocab)

@@ -1,0 +1,233 @@
+"""CPU time per request in each process of a server (API server, engine core, workers), for big
+parts in every form, beside the floor of the same work done by a minimal loop (issue 32).
+
+Why: one API server process handles every request's body on one core, so its CPU per part is
+the ceiling of big-part requests per second on any host. Wall times hide where CPU goes; this
+reads each process's own CPU time (``/proc/<pid>/stat``: user + system) before and after a
+batch of identical requests and divides by their count.
+
+Servers: the plugin and the built-in (``VLLM_PLUGINS=""``), started together, on
+``big_parts.py``'s 4096-wide cheap model (``--max-model-len 8448``, no prefix caching,
+float32, TP=1). Each process of a server is classed by its name: ``VLLM::EngineCore``,
+``VLLM::Worker...``, the ``vllm serve`` process itself (the API server), anything else
+(``other``). Variants, per size (1024, 2048, 8192 float16 rows of the model's own embedding
+rows of one-token words, after ``"Repeat:"``):
+
+- ``text``: the same words as text (both servers);
+- ``inline_raw``, ``inline_safetensors``, ``inline_torch``: the part inline in that encoding
+  (the built-in reads ``torch`` only);
+- ``upload``: ``upload_rows`` (raw bytes to ``POST /v1/prompt_embeds``) and then the chat by
+  id, the two counted as one request;
+- ``files``: ``client.files.create`` (a safetensors file) and then the chat by id.
+
+The floor, timed in this process with ``time.process_time`` on the same bodies: for an inline
+part, ``json.loads`` of the body, the base64 decode of the part's data and a finite-values
+check of the rows (``numpy.isfinite(...).all()``); for an upload, the finite-values check of the
+bytes as sent (the body is already bytes). The ratio is the API server's CPU per request over
+that floor.
+
+    .venv/bin/python benchmarks/cpu_per_request.py [--quick] [--runs N] [--rows N ...]
+
+Prints a table, writes ``benchmarks/results/cpu_per_request.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402, F401  (imported first: puts tests/ on sys.path)
+from big_parts import MAX_MODEL_LEN, BigChats, big_chats, build_big_model, server_flags  # noqa: E402
+from common import Server, exit_on_sigterm, started_together, vllm_cache_root, write_results  # noqa: E402
+from conftest import MODELS, VLLM, run_server, server_env  # noqa: E402
+from latency_side_by_side import SERVED_NAME, check_impl  # noqa: E402
+
+from vllm_chat_embeds.client import prompt_embeds_part, upload_file, upload_rows  # noqa: E402
+
+NAME = "cpu_per_request"
+TICKS = os.sysconf("SC_CLK_TCK")
+PLUGIN_VARIANTS = ("text", "inline_raw", "inline_safetensors", "inline_torch", "upload", "files")
+BUILTIN_VARIANTS = ("text", "inline_torch")
+
+
+def process_class(pid: int, root: int) -> str:
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+    if pid == root:
+        return "api_server"
+    if name.startswith("VLLM::EngineCor"):
+        return "engine_core"
+    if name.startswith("VLLM::Worker"):
+        return "workers"
+    return "other"
+
+
+def cpu_seconds(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) of every process in ``root``'s session, by class."""
+    totals: dict[str, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[3]) != root:  # the session id: run_server starts a new session
+            continue
+        kind = process_class(int(entry.name), root)
+        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+    return totals
+
+
+def chat_body(content: list[dict[str, Any]]) -> str:
+    return json.dumps({"model": SERVED_NAME, "messages": [{"role": "user", "content": content}],
+                       "max_tokens": 1, "temperature": 0.0})  # fmt: skip
+
+
+def post(server: Server, data: str) -> None:
+    response = requests.post(server.base_url + "/v1/chat/completions", data=data,
+                             headers={"Content-Type": "application/json"}, timeout=600)  # fmt: skip
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
+
+
+def sender(server: Server, big: BigChats, n: int, variant: str) -> Callable[[], None]:
+    rows = big.rows(n)
+    if variant == "text":
+        data = chat_body(big.text(n))
+        return lambda: post(server, data)
+    if variant.startswith("inline_"):
+        part = prompt_embeds_part(rows, encoding=variant.removeprefix("inline_"))
+        data = chat_body(big.with_part(part))
+        return lambda: post(server, data)
+    if variant == "upload":
+        return lambda: post(server, chat_body(big.with_part(
+            upload_rows(server.base_url + "/v1", rows))))  # fmt: skip
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+    return lambda: post(server, chat_body(big.with_part(upload_file(client, rows))))
+
+
+def floor_ms(big: BigChats, n: int, variant: str, runs: int) -> float | None:
+    """The minimal loop's CPU per request for the same body (ms)."""
+    rows = big.rows(n)
+    if variant == "text":
+        return None
+    if variant in ("upload", "files"):
+        raw = rows.numpy().tobytes()
+
+        def work() -> None:
+            np.isfinite(np.frombuffer(raw, dtype="<f2")).all()
+
+    else:
+        data = chat_body(big.with_part(prompt_embeds_part(rows, encoding="raw")))
+
+        def work() -> None:
+            body = json.loads(data)
+            part = body["messages"][0]["content"][1]
+            decoded = base64.b64decode(part["data"])
+            np.isfinite(np.frombuffer(decoded, dtype="<f2")).all()
+
+    times = []
+    for _ in range(runs):
+        started = time.process_time()
+        work()
+        times.append(time.process_time() - started)
+    return round(1000 * statistics.median(times), 1)
+
+
+def measure(server: Server, send: Callable[[], None], runs: int) -> dict[str, float]:
+    root = server.proc.pid
+    send()  # one-off costs of a shape
+    time.sleep(1.5)
+    before = cpu_seconds(root)
+    for _ in range(runs):
+        send()
+        time.sleep(0.3)  # idle between requests, so nothing of one overlaps the next
+    time.sleep(1.5)  # let workers stop polling before reading
+    after = cpu_seconds(root)
+    return {k: round(1000 * (after.get(k, 0.0) - before.get(k, 0.0)) / runs, 1)
+            for k in sorted(set(after) | set(before)) if k != "gone"}  # fmt: skip
+
+
+@contextmanager
+def serve(model: Path, cache_root: str) -> Iterator[dict[str, Server]]:
+    base = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", "{port}"]
+    managers = {
+        impl: run_server(
+            model,
+            env=server_env(trap=False, plugins=impl == "plugin", mp=True, cache_root=cache_root),
+            command=base + server_flags(model, 1),
+        )
+        for impl in ("plugin", "builtin")
+    }
+    with started_together(managers) as servers:
+        for impl, server in servers.items():
+            check_impl(impl, server)
+        yield servers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2048 rows, 3 runs")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1024, 2048, 8192])
+    parser.add_argument("--seed", type=int, default=32)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.runs = [2048], 3
+    if max(args.rows) > MAX_MODEL_LEN - 64:
+        parser.error(f"rows must leave room in --max-model-len {MAX_MODEL_LEN}")
+    exit_on_sigterm()
+    started = time.monotonic()
+    model = build_big_model(MODELS)
+    big = big_chats(model, args.seed)
+    table = []
+    with vllm_cache_root() as cache_root, serve(model, cache_root) as servers:
+        for n in args.rows:
+            for impl, variants in (("plugin", PLUGIN_VARIANTS), ("builtin", BUILTIN_VARIANTS)):
+                for variant in variants:
+                    cpu = measure(servers[impl], sender(servers[impl], big, n, variant), args.runs)
+                    floor = floor_ms(big, n, variant, args.runs)
+                    api = cpu.get("api_server", 0.0)
+                    row = {"impl": impl, "rows": n, "variant": variant, **cpu,
+                           "floor_ms": floor,
+                           "api_x_floor": round(api / floor, 2) if floor else None}  # fmt: skip
+                    table.append(row)
+                    print(json.dumps(row), flush=True)
+    print(
+        "\nimpl | rows | variant | API server ms | engine core ms | workers ms | floor ms | "
+        "API/floor"
+    )
+    for r in table:
+        print(f"{r['impl']} | {r['rows']} | {r['variant']} | {r.get('api_server')} | "
+              f"{r.get('engine_core')} | {r.get('workers')} | {r['floor_ms']} | "
+              f"{r['api_x_floor']}")  # fmt: skip
+    path = write_results(NAME, {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "args": vars(args), "table": table, "seconds": round(time.monotonic() - started, 1),
+    })  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -208,17 +208,17 @@ SHARED_STORE_DOWN: Final = (
     "send the part with its data."
 )
 SHARED_STORE_UPLOAD_DOWN: Final = (
-    "{where}: the shared row store {store} is unavailable ({reason}), so the rows were not "
-    "kept (an id only this server knew would fail on every other one); retry in "
+    "{where}: the shared row store {store} is unavailable ({reason}), so the prompt_embeds part "
+    "rows were not kept (an id only this server knew would fail on every other one); retry in "
     "{retry_after} s."
 )
 SHARED_STORE_FILES_DOWN: Final = (
     "The shared row store {store} is unavailable ({reason}); retry in {retry_after} s."
 )
 SHARED_VALUE_BAD: Final = (
-    "{where}: prompt_embeds_reference_unknown: the rows kept under uuid {uuid!r} in the shared "
-    "row store failed their check ({reason}) and were not used; send the part again with its "
-    "data."
+    "{where}: prompt_embeds_reference_unknown: the rows of the prompt_embeds part kept under "
+    "uuid {uuid!r} in the shared row store failed their check ({reason}) and were not used; "
+    "send the part again with its data."
 )
 # -- Rows uploaded once, used by id (entrypoints/row_uploads.py): POST /v1/prompt_embeds and the
 # Files API (POST /v1/files). Rows are checked with the part messages above, ``where`` naming
@@ -228,12 +228,16 @@ FILE_WHERE: Final = "file"
 TEXT_ROWS_WHERE: Final = "text"
 TEXT_ROWS_TEXT: Final = (
     "{where}: POST /v1/prompt_embeds with a JSON body takes a 'text' field, a non-empty string "
-    "whose rows the served model computes; got {got}."
+    "whose prompt_embeds part rows the served model computes; got {got}."
 )
-TEXT_ROWS_SPECIAL: Final = "{where}: add_special_tokens must be true or false; got {got}."
+TEXT_ROWS_SPECIAL: Final = (
+    "{where}: add_special_tokens for the rows of a prompt_embeds part must be true or false; "
+    "got {got}."
+)
 TEXT_ROWS_TOKENS: Final = (
     "{where}: the text tokenizes to ids outside this model's vocabulary of {vocab} (or to the "
-    "reserved <prompt_embeds> token); only text the model embeds itself has rows."
+    "reserved <prompt_embeds> token); only text the model embeds itself has prompt_embeds part "
+    "rows."
 )
 UPLOAD_MEDIA_TYPE: Final = (
     "POST /v1/prompt_embeds takes the rows as the request body: Content-Type "

@@ -87,7 +87,7 @@ def test_rows_arrive_whole_in_any_chunking_and_are_kept_without_a_copy() -> None
         raw.view(torch.uint8).numpy().tobytes(), "raw", dtype="float16", shape=[5, WIDTH]
     )
     assert kept.dtype == torch.float16 and torch.equal(kept, raw)  # kept as carried, as inline
-    assert done.id.startswith(uploads.UPLOAD_ID_PREFIX) and uploads.find(done.id) is not None
+    assert done.id.startswith(uploads.UPLOAD_ID_PREFIX) and uploads.find(done.id, SPEC) is not None
     assert done.bytes == 5 * WIDTH * 2
 
 
@@ -146,7 +146,8 @@ def test_listing_delete_and_eviction() -> None:
     assert [u.id for u in uploads.listing()] == [first.id, second.id]
     upload(tensor_file(torch.randn(4, WIDTH)))
     upload(tensor_file(torch.randn(4, WIDTH)))  # evicts the first
-    assert uploads.find(first.id) is None and first.id not in [u.id for u in uploads.listing()]
+    assert uploads.find(first.id, SPEC) is None
+    assert first.id not in [u.id for u in uploads.listing()]
     assert uploads.delete(second.id) and not uploads.delete(second.id)
     assert references.process_store().get(second.id) is None
 

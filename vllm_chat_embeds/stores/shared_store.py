@@ -433,11 +433,11 @@ def bind_model(model_config: Any) -> None:
 
 
 def reset(store: SharedStore | None = None) -> None:
-    """Use ``store`` (tests), or read the settings again on next use (None)."""
+    """Use ``store`` as bound by the caller (tests), or read the settings again on next use
+    (None)."""
     global _store, _configured
     with _lock:
         _store, _configured = store, store is not None
-        _rebind()
 
 
 # -- the tiers together: what callers use ----------------------------------------------------

@@ -39,20 +39,32 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "granite": (
         "GraniteConfig",
         "GraniteForCausalLM",
-        {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "attention_multiplier": 0.2,
-         "logits_scaling": 2.0},
+        {
+            "embedding_multiplier": 4.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.2,
+            "logits_scaling": 2.0,
+        },
     ),  # fmt: skip
     "gemma2": (
         "Gemma2Config",
         "Gemma2ForCausalLM",
-        {"query_pre_attn_scalar": HEAD_DIM, "sliding_window": 4096,
-         "attn_logit_softcapping": None, "final_logit_softcapping": None},
+        {
+            "query_pre_attn_scalar": HEAD_DIM,
+            "sliding_window": 4096,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+        },
     ),  # fmt: skip
     "gemma3": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
-        {"query_pre_attn_scalar": HEAD_DIM, "sliding_window": 4096,
-         "attn_logit_softcapping": None, "final_logit_softcapping": None},
+        {
+            "query_pre_attn_scalar": HEAD_DIM,
+            "sliding_window": 4096,
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+        },
     ),  # fmt: skip
 }
 

@@ -185,7 +185,8 @@ def embedding_rows(model_dir: str | Path, text: str, *, dtype: str | None = None
             table = f.get_slice(name)[:]
         wanted = getattr(torch, served)
         out = table[ids].to(wanted)
-        return out if scale is None else out * torch.tensor(scale, dtype=wanted)
+        out = out if scale is None else out * torch.tensor(scale, dtype=wanted)
+        return out if served == "bfloat16" else out.numpy()
 
 
 def rows_for_text(

@@ -142,3 +142,26 @@ def test_multimodal_config_reads_its_text_model(tmp_path):
                                "language_model.model.embed_tokens.weight"]) == (
         "language_model.model.embed_tokens.weight"
     )  # fmt: skip
+
+
+def test_bfloat16_checkpoint(tiny_model, tmp_path):  # noqa: F811
+    """A bfloat16 table (most released checkpoints): rows in bfloat16, scaled in bfloat16."""
+    from safetensors.torch import load_file, save_file
+
+    source = build_family("gemma2", tiny_model)
+    model = tmp_path / "gemma2-bf16"
+    shutil.copytree(source, model)
+    tensors = load_file(str(model / "model.safetensors"))
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(model / "model.safetensors")
+    )
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    rows = embedding_rows(model, TEXT)
+    assert isinstance(rows, torch.Tensor) and rows.dtype == torch.bfloat16
+    table = table_rows(model, TEXT)
+    assert table.dtype == torch.bfloat16
+    assert torch.equal(rows, table * torch.tensor(8.0, dtype=torch.bfloat16))
+    as_float = embedding_rows(model, TEXT, dtype="float32")
+    assert as_float.dtype == np.float32
+    assert torch.equal(torch.from_numpy(as_float), table.float() * 8.0)

@@ -132,7 +132,7 @@ def embedding_rows(model_dir: str | Path, text: str, *, dtype: str | None = None
     A part holding them gives the same greedy answer as ``text`` sent as text. They are the
     checkpoint's embedding-table rows times the factor the model family's embedding step
     applies (Gemma: sqrt(hidden_size), in the served dtype ``dtype``, by default the
-    checkpoint's ``torch_dtype``); a family it does not know raises ``UnknownFamilyError``
+    checkpoint's ``dtype`` or ``torch_dtype``); a family it does not know raises ``UnknownFamilyError``
     (use ``rows_for_text``, which asks the server). ``model_dir``: a model directory (one
     ``model.safetensors`` or sharded with its index) or a hub id in the local cache. Needs
     ``transformers`` and ``safetensors``; returns a NumPy array, or a ``torch.Tensor`` for
@@ -165,7 +165,9 @@ def embedding_rows(model_dir: str | Path, text: str, *, dtype: str | None = None
             "rows; use vllm_chat_embeds.client.rows_for_text(base_url, text), which asks the "
             "served model itself"
         )
-    served = dtype or text_config.get("torch_dtype") or config.get("torch_dtype") or "float32"
+    # transformers writes ``dtype`` (newer) or ``torch_dtype`` (older).
+    declared = [c.get(k) for c in (text_config, config) for k in ("dtype", "torch_dtype")]
+    served = dtype or next((d for d in declared if isinstance(d, str)), "float32")
     if served not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}; got {served!r}")
     ids = AutoTokenizer.from_pretrained(str(path)).encode(text, add_special_tokens=False)

@@ -156,7 +156,8 @@ def test_bfloat16_checkpoint(tiny_model, tmp_path):  # noqa: F811
         {k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(model / "model.safetensors")
     )
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    config.pop("torch_dtype", None)
+    (model / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     rows = embedding_rows(model, TEXT)
     assert isinstance(rows, torch.Tensor) and rows.dtype == torch.bfloat16
     table = table_rows(model, TEXT)

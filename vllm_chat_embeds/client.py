@@ -132,8 +132,9 @@ def embedding_rows(model_dir: str | Path, text: str, *, dtype: str | None = None
     A part holding them gives the same greedy answer as ``text`` sent as text. They are the
     checkpoint's embedding-table rows times the factor the model family's embedding step
     applies (Gemma: sqrt(hidden_size), in the served dtype ``dtype``, by default the
-    checkpoint's ``dtype`` or ``torch_dtype``); a family it does not know raises ``UnknownFamilyError``
-    (use ``rows_for_text``, which asks the server). ``model_dir``: a model directory (one
+    checkpoint's ``dtype`` or ``torch_dtype``); a family it does not know raises
+    ``UnknownFamilyError`` (use ``rows_for_text``, which asks the server). ``model_dir``: a
+    model directory (one
     ``model.safetensors`` or sharded with its index) or a hub id in the local cache. Needs
     ``transformers`` and ``safetensors``; returns a NumPy array, or a ``torch.Tensor`` for
     bfloat16.

@@ -49,12 +49,12 @@ CORE_TESTS := tests/unit/test_vllm_api.py tests/unit/test_register.py \
 # missed the 240 s start-up and a request timed out on the 0.33 harness (clean-clone run).
 CORE_TESTS += tests/unit/test_row_keys.py tests/unit/test_kv_connectors_policy.py
 
-# The shared row store's and the embedding helper's unit tests, and the model families (eight
-# tiny models through LLM.chat, a served Gemma 3): on 0.33 only, which balances the two runs'
-# time (the 0.32 run skips the families file: FULL_ONLY_SKIP).
-CORE_TESTS += tests/unit/test_shared_store.py tests/unit/test_embedding_rows.py \
-	tests/e2e/test_model_families.py
-FULL_ONLY_SKIP := --ignore=tests/e2e/test_model_families.py
+# The shared row store's and the embedding helper's unit tests; and, on 0.33 only, which
+# balances the two runs' time, the model families (eight tiny models through LLM.chat, a served
+# Gemma 3) and the two replicas sharing a Redis (the 0.32 run skips them: CORE_ONLY).
+CORE_ONLY := tests/e2e/test_model_families.py tests/e2e/test_shared_store_replicas.py
+CORE_TESTS += tests/unit/test_shared_store.py tests/unit/test_embedding_rows.py $(CORE_ONLY)
+FULL_SKIPS := $(addprefix --ignore=,$(CORE_ONLY))
 
 CORE_TESTS += tests/unit/test_uploads.py tests/e2e/test_row_uploads_online.py \
 	--deselect tests/e2e/test_row_uploads_online.py::test_api_key_guards_every_upload_route \
@@ -94,14 +94,14 @@ test: install venv-vllm033 redis-server
 	@mkdir -p $(MODELS)
 	@$(VENV033)/bin/python -m pytest $(CORE_TESTS) > $(CORE_LOG) 2>&1 & core=$$!; \
 	trap 'kill $$core 2>/dev/null' INT TERM; \
-	$(BIN)/python -m pytest $(FULL_ONLY_SKIP); full=$$?; \
+	$(BIN)/python -m pytest $(FULL_SKIPS); full=$$?; \
 	wait $$core; harness=$$?; \
 	echo "=== vLLM 0.33 harness: the end-to-end core ($(CORE_LOG)) ==="; cat $(CORE_LOG); \
 	echo "=== vLLM 0.32: exit $$full; vLLM 0.33 harness: exit $$harness ==="; \
 	test $$full -eq 0 -a $$harness -eq 0
 
 test-vllm032: install redis-server
-	$(BIN)/python -m pytest $(FULL_ONLY_SKIP)
+	$(BIN)/python -m pytest $(FULL_SKIPS)
 
 test-vllm033: venv-vllm033
 	$(VENV033)/bin/python -m pytest $(CORE_TESTS)

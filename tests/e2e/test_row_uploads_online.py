@@ -227,7 +227,7 @@ def test_files_api_behaves_as_its_users_expect(plugin_server, table) -> None:
 
 
 def test_the_upload_route_refuses_other_media_types(plugin_server) -> None:
-    for media in ("application/json", None):
+    for media in ("text/plain", "application/x-www-form-urlencoded", None):
         headers = {} if media is None else {"Content-Type": media}
         response = requests.post(
             plugin_server.base_url + "/v1/prompt_embeds", data=b"{}", headers=headers, timeout=30

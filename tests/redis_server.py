@@ -50,8 +50,16 @@ class RedisServer:
         log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - the server writes it
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()  # never leave a server behind a failed start
+            raise
+
+    def _wait_ready(self) -> None:
         import redis  # noqa: F401 - the client the tests talk with ([dev] extra): fail here
 
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while True:
             try:

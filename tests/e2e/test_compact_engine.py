@@ -102,7 +102,9 @@ def preemptions(server) -> float:
     return sum(
         float(line.split()[-1])
         for line in text.splitlines()
-        if line.startswith("vllm:num_preemptions") and not line.startswith("#")
+        if line.startswith("vllm:num_preemptions")
+        and not line.startswith("#")
+        and "_created" not in line  # a counter's creation timestamp, not a count
     )
 
 
@@ -112,13 +114,22 @@ def test_preemption_and_recompute_keep_parity(tight_server, table):
         for i in range(4)
     ]
     long = {"max_tokens": 150, "ignore_eos": True}
-    before = preemptions(tight_server)
-    with ThreadPoolExecutor(4) as pool:
-        texts = list(pool.map(lambda c: post(tight_server, as_text(c), **long), cases))
-        embeds = list(pool.map(lambda c: post(tight_server, render(c, table.part), **long), cases))
-    assert preemptions(tight_server) > before, "the KV cache was meant to force preemption"
-    for text, emb in zip(texts, embeds, strict=True):
-        assert emb["choices"][0]["message"] == text["choices"][0]["message"]
+    # Four requests at once need more blocks than the cache holds; on a loaded machine the API
+    # server may admit them too far apart to overlap, so the batch is sent again (up to three
+    # times) until the engine has preempted while parts were running.
+    for _ in range(3):
+        with ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda c: post(tight_server, as_text(c), **long), cases))
+            before = preemptions(tight_server)
+            embeds = list(
+                pool.map(lambda c: post(tight_server, render(c, table.part), **long), cases)
+            )
+        for text, emb in zip(texts, embeds, strict=True):
+            assert emb["choices"][0]["message"] == text["choices"][0]["message"]
+        if preemptions(tight_server) > before:
+            break
+    else:
+        raise AssertionError("the KV cache was meant to force preemption of requests with parts")
 
 
 def metric(server, name: str) -> float:

@@ -198,26 +198,38 @@ def rows_for_text(
     """Ask the server for the served model's own rows of ``text`` (``POST /v1/prompt_embeds``
     with ``{"text": ...}``), exact on every model family. Returns the part naming them (kept by
     the server like an upload) and the rows (a ``torch.Tensor``, read back through
-    ``GET /v1/files/{id}/content``), for checking a client's own encoder against the model."""
+    ``GET /v1/files/{id}/content``), for checking a client's own encoder against the model.
+
+    Both requests go over one kept-alive connection, so with ``--api-server-count N`` they
+    reach the API server process that keeps the rows.
+    """
+    import http.client
     import json
-    import urllib.request
+    from urllib.parse import urlsplit
 
-    request = urllib.request.Request(
-        base_url.rstrip("/") + "/prompt_embeds",
-        data=json.dumps({"text": text}).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", **_auth_headers(api_key)},
-    )
-    answer = _send(request, timeout)
-    content = urllib.request.Request(
-        base_url.rstrip("/") + f"/files/{answer['id']}/content",
-        headers=_auth_headers(api_key),
-    )
-    with urllib.request.urlopen(content, timeout=timeout) as response:
-        from safetensors.torch import load
+    url = urlsplit(base_url.rstrip("/"))
+    kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+    connection = kind(url.netloc, timeout=timeout)
+    headers = _auth_headers(api_key)
+    try:
+        body = json.dumps({"text": text}).encode()
+        connection.request("POST", url.path + "/prompt_embeds", body=body,
+                           headers={"Content-Type": "application/json", **headers})  # fmt: skip
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise UploadError(response.status, data.decode(errors="replace"))
+        answer = json.loads(data)
+        connection.request("GET", url.path + f"/files/{answer['id']}/content", headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise UploadError(response.status, data.decode(errors="replace"))
+    finally:
+        connection.close()
+    from safetensors.torch import load
 
-        rows = next(iter(load(response.read()).values()))
-    return answer["part"], rows
+    return dict(answer["part"]), next(iter(load(data).values()))
 
 
 def prompt_embeds_part(

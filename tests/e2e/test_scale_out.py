@@ -15,6 +15,7 @@ from uuid import uuid4
 
 import pytest
 import requests
+import torch
 from chat_cases import CASES, as_text, render
 from conftest import (
     ALL_ROWS_SHARED,
@@ -26,7 +27,7 @@ from conftest import (
 )
 
 import vllm_chat_embeds
-from vllm_chat_embeds.client import Conversation
+from vllm_chat_embeds.client import Conversation, rows_for_text
 from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX
 
 pytestmark = pytest.mark.e2e
@@ -89,6 +90,17 @@ def active_processes(server, pattern: str, said: str | None = None) -> set[str]:
     }
 
 
+def check_model_rows(server, table) -> None:
+    """The model's own rows through collective_rpc (every TP rank takes part in the
+    vocabulary-parallel embedding; under DP one engine answers): a text's rows from the server
+    equal the table's, and /v1/models reports the table's scale."""
+    part, rows = rows_for_text(server.base_url + "/v1", " x = compute(y)")
+    assert torch.equal(rows, table.rows(" x = compute(y)"))
+    card = requests.get(server.base_url + "/v1/models", timeout=60).json()["data"][0]
+    assert card["prompt_embeds"]["embedding_scale"] == 1.0
+    assert part["uuid"].startswith("file-pe-")
+
+
 def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_root):
     """One start for two configurations: both frontends and both TP workers run the plugin.
     Rows go through shared memory (both hops: each API server to the engine core, the engine
@@ -100,6 +112,7 @@ def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table, copies=12)
         check_references(server, table)
+        check_model_rows(server, table)
         assert len(active_processes(server, r"APIServer_\d+|ApiServer_\d+")) == 2, server.tail(80)
         assert len(active_processes(server, r"VllmWorker-\d+|Worker_TP\d+")) == 2, server.tail(80)
         arrived = active_processes(server, r"[^)]*", "rows arrive through shared memory")
@@ -122,6 +135,7 @@ def test_data_parallel_2_where_shared_memory_is_too_small(tiny_model, table, vll
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table)
         check_references(server, table)
+        check_model_rows(server, table)
         engines = active_processes(server, r"EngineCore_DP\d+")
         assert len(engines) == 2, server.tail(80)
         said = [line for line in server.log().splitlines() if "as copies" in line]

@@ -52,6 +52,14 @@ def build_model(builder: str, out: Path, *args: str) -> Path:
     return out
 
 
+def build_family(family: str, base: Path, shards: int = 1) -> Path:
+    """A tiny random model of ``family`` with ``base``'s tokenizer (tools/build_family_model.py),
+    its weights in ``shards`` safetensors files."""
+    out = MODELS / (f"family-{family}" + (f"-{shards}shards" if shards > 1 else ""))
+    args = ["--family", family, "--base", str(base), "--shards", str(shards)]
+    return build_model("build_family_model.py", out, *args)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
     return build_model("build_test_model.py", MODELS / "tiny-llama-test")

@@ -149,23 +149,20 @@ def embedding_rows(model_dir: str | Path, text: str, *, dtype: str | None = None
     config = json.loads((path / "config.json").read_text())
     text_config = _text_config(config)
     family = str(text_config.get("model_type"))
-    if REFUSED_ARCHITECTURES & set(config.get("architectures") or ()):
-        family = f"{family} ({', '.join(config['architectures'])})"
-        scale: float | None = math.nan
-    elif family in SQRT_HIDDEN_FAMILIES:
-        scale: float | None = math.sqrt(float(text_config["hidden_size"]))
-    elif family in CONFIG_SCALE_FAMILIES:
-        scale = float(text_config[CONFIG_SCALE_FAMILIES[family]])
-    elif family in TABLE_ROW_FAMILIES:
-        scale = None
-    else:
-        scale = math.nan
-    if scale is not None and math.isnan(scale):
+    refused = sorted(REFUSED_ARCHITECTURES & set(config.get("architectures") or ()))
+    known = SQRT_HIDDEN_FAMILIES | CONFIG_SCALE_FAMILIES.keys() | TABLE_ROW_FAMILIES
+    if refused or family not in known:
+        what = f"{family} ({', '.join(refused)})" if refused else family
         raise UnknownFamilyError(
-            f"embedding_rows does not know what model type {family!r} does to its embedding "
+            f"embedding_rows does not know what model type {what!r} does to its embedding "
             "rows; use vllm_chat_embeds.client.rows_for_text(base_url, text), which asks the "
             "served model itself"
         )
+    scale: float | None = None
+    if family in SQRT_HIDDEN_FAMILIES:
+        scale = math.sqrt(float(text_config["hidden_size"]))
+    elif family in CONFIG_SCALE_FAMILIES:
+        scale = float(text_config[CONFIG_SCALE_FAMILIES[family]])
     # transformers writes ``dtype`` (newer) or ``torch_dtype`` (older).
     declared = [c.get(k) for c in (text_config, config) for k in ("dtype", "torch_dtype")]
     served = dtype or next((d for d in declared if isinstance(d, str)), "float32")
@@ -173,23 +170,23 @@ def embedding_rows(model_dir: str | Path, text: str, *, dtype: str | None = None
         raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}; got {served!r}")
     ids = AutoTokenizer.from_pretrained(str(path)).encode(text, add_special_tokens=False)
     file, name = _table_file(path)
-    try:
-        with safe_open(str(file), framework="np") as f:
-            rows = f.get_slice(name)[:][ids]
-        if served == "bfloat16":
-            raise TypeError("bfloat16 rows are returned as torch tensors")
-
-        rows = rows.astype(_NUMPY_DTYPES[served])
+    rows = None
+    if served != "bfloat16":  # NumPy has no bfloat16: such rows, or such a table, need torch
+        try:
+            with safe_open(str(file), framework="np") as f:
+                rows = f.get_slice(name)[:][ids].astype(_NUMPY_DTYPES[served])
+        except (TypeError, ValueError):
+            rows = None
+    if rows is not None:
         return rows if scale is None else rows * rows.dtype.type(scale)
-    except (TypeError, ValueError):  # NumPy has no bfloat16
-        import torch
+    import torch
 
-        with safe_open(str(file), framework="pt") as f:
-            table = f.get_slice(name)[:]
-        wanted = getattr(torch, served)
-        out = table[ids].to(wanted)
-        out = out if scale is None else out * torch.tensor(scale, dtype=wanted)
-        return out if served == "bfloat16" else out.numpy()
+    with safe_open(str(file), framework="pt") as f:
+        table = f.get_slice(name)[:]
+    wanted = getattr(torch, served)
+    out = table[ids].to(wanted)
+    out = out if scale is None else out * torch.tensor(scale, dtype=wanted)
+    return out if served == "bfloat16" else out.numpy()
 
 
 def rows_for_text(

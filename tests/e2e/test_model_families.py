@@ -20,9 +20,8 @@ import pytest
 import requests
 import torch
 from conftest import (
-    MODELS,
     TEST_SERVER_ARGS,
-    TOOLS,
+    build_family,
     make_offline_llm,
     run_server,
     server_env,
@@ -48,18 +47,6 @@ LAYOUTS: dict[str, list[tuple[str, str]]] = {
 GREEDY = {"temperature": 0.0, "max_tokens": 8}
 
 
-def build_family(family: str, base: Path) -> Path:
-    import subprocess
-    import sys
-
-    shards = SHARDS.get(family, 1)
-    out = MODELS / (f"family-{family}" + (f"-{shards}shards" if shards > 1 else ""))
-    cmd = [sys.executable, str(TOOLS / "build_family_model.py"), "--family", family,
-           "--base", str(base), "--out", str(out), "--shards", str(shards)]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=TOOLS, capture_output=True)
-    return out
-
-
 def messages(layout: str, part_for) -> list[dict[str, Any]]:
     content = [
         {"type": "text", "text": text} if kind == "t" else part_for(text)
@@ -74,7 +61,7 @@ def as_text(layout: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_llm(request, tiny_model: Path, vllm_cache_root: str) -> Iterator[tuple[str, Path, Any]]:
-    model = build_family(request.param, tiny_model)
+    model = build_family(request.param, tiny_model, SHARDS.get(request.param, 1))
     llm = make_offline_llm(model, vllm_cache_root)
     try:
         yield request.param, model, llm

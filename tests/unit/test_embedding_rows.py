@@ -7,15 +7,13 @@ import ast
 import json
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import vllm
-from conftest import MODELS, TOOLS, tiny_model  # noqa: F401 - the fixture
+from conftest import build_family, tiny_model  # noqa: F401 - the fixture
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
@@ -71,14 +69,6 @@ def test_tables_agree_with_vllms_model_classes():
     covered = {module(f) for f in SQRT_HIDDEN_FAMILIES | set(CONFIG_SCALE_FAMILIES)}
     unknown = scaled - covered - NOT_CHAT_MODELS
     assert not unknown, f"vLLM scales rows in {unknown}: teach embedding_rows these families"
-
-
-def build_family(family: str, base: Path, shards: int = 1) -> Path:
-    out = MODELS / (f"family-{family}" + (f"-{shards}shards" if shards > 1 else ""))
-    cmd = [sys.executable, str(TOOLS / "build_family_model.py"), "--family", family,
-           "--base", str(base), "--out", str(out), "--shards", str(shards)]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=TOOLS, capture_output=True)
-    return out
 
 
 def table_rows(model: Path, text: str) -> torch.Tensor:

@@ -30,14 +30,10 @@ SPEC = make_spec()
 WHERE = "messages[0].content[0]"
 
 
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+@pytest.fixture
+def redis_server(redis_store: RedisServer) -> RedisServer:
+    """conftest's Redis, under this file's name for it."""
+    return redis_store
 
 
 @pytest.fixture

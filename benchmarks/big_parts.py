@@ -131,6 +131,23 @@ TRIM_HEAP = heap_trimmer()  # glibc's malloc_trim, or None
 TARGETS = {1: 1.25, 2: 1.30}  # inline at 8192 rows, x the text chat (issue 19)
 
 
+def sized_args(argv: list[str] | None, description: str, *, rows: list[int], runs: int,
+               seed: int) -> argparse.Namespace:  # fmt: skip
+    """The options of a benchmark over part sizes on this model (``--quick``: 2048 rows, 3
+    runs; ``--rows`` must fit ``MAX_MODEL_LEN``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="2048 rows, 3 runs")
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--rows", type=int, nargs="+", default=rows)
+    parser.add_argument("--seed", type=int, default=seed)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.runs = [2048], 3
+    if max(args.rows) > MAX_MODEL_LEN - 64:
+        parser.error(f"rows must leave room in --max-model-len {MAX_MODEL_LEN}")
+    return args
+
+
 def build_big_model(models: Path, tp: int = 1) -> Path:
     """The 4096-wide cheap model (``latency_side_by_side``'s), built once under ``models``.
 

@@ -33,7 +33,6 @@ Prints a table, writes ``benchmarks/results/cpu_per_request.json``.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -53,7 +52,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402, F401  (imported first: puts tests/ on sys.path)
-from big_parts import MAX_MODEL_LEN, BigChats, big_chats, build_big_model, server_flags  # noqa: E402
+from big_parts import BigChats, big_chats, build_big_model, server_flags, sized_args  # noqa: E402
 from common import Server, exit_on_sigterm, started_together, vllm_cache_root, write_results  # noqa: E402
 from conftest import MODELS, VLLM, run_server, server_env  # noqa: E402
 from latency_side_by_side import SERVED_NAME, check_impl  # noqa: E402
@@ -186,16 +185,7 @@ def serve(model: Path, cache_root: str) -> Iterator[dict[str, Server]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2048 rows, 3 runs")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1024, 2048, 8192])
-    parser.add_argument("--seed", type=int, default=32)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rows, args.runs = [2048], 3
-    if max(args.rows) > MAX_MODEL_LEN - 64:
-        parser.error(f"rows must leave room in --max-model-len {MAX_MODEL_LEN}")
+    args = sized_args(argv, __doc__.splitlines()[0], rows=[1024, 2048, 8192], runs=5, seed=32)
     exit_on_sigterm()
     started = time.monotonic()
     model = build_big_model(MODELS)

@@ -33,7 +33,6 @@ Prints a table, writes ``benchmarks/results/shared_store.json``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import random
@@ -50,7 +49,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402, F401  (imported first: puts tests/ on sys.path)
-from big_parts import MAX_MODEL_LEN, BigChats, big_chats, build_big_model, server_flags  # noqa: E402
+from big_parts import BigChats, big_chats, build_big_model, server_flags, sized_args  # noqa: E402
 from common import (  # noqa: E402
     Server,
     exit_on_sigterm,
@@ -188,22 +187,8 @@ def print_table(table: list[dict]) -> None:
               f" | {row['store_read_and_check_ms']} | {row['parity']}")  # fmt: skip
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2048 rows, 3 runs")
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--rows", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--seed", type=int, default=29)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.rows, args.runs = [2048], 3
-    if max(args.rows) > MAX_MODEL_LEN - 64:
-        parser.error(f"rows must leave room in --max-model-len {MAX_MODEL_LEN}")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = sized_args(argv, __doc__.splitlines()[0], rows=[2048, 8192], runs=7, seed=29)
     exit_on_sigterm()
     started = time.monotonic()
     model = build_big_model(MODELS)

@@ -68,6 +68,16 @@ def new_uuid() -> str:
     return uuidlib.uuid4().hex
 
 
+def with_data(table, text: str, uuid: str) -> list[dict[str, Any]]:
+    """A chat of one part: ``text``'s rows sent with their data under ``uuid``."""
+    return [{"role": "user", "content": [{**table.part(text), "uuid": uuid}]}]
+
+
+def by_uuid(uuid: str) -> list[dict[str, Any]]:
+    """A chat of one part named by ``uuid`` alone."""
+    return [{"role": "user", "content": [{"type": "prompt_embeds", "uuid": uuid}]}]
+
+
 def key_of(redis_store: RedisServer, ident: str) -> bytes:
     keys = list(redis_store.client().scan_iter(match=f"vce:*:r:{ident}"))
     assert len(keys) == 1, keys
@@ -94,10 +104,10 @@ def test_uuid_parts_across_replicas_chat_and_responses(replicas, table):
     case = CASES["several_parts"]
     uuids: dict[str, str] = {}
     sent = render(case, lambda t: {**table.part(t), "uuid": uuids.setdefault(t, new_uuid())})
-    by_uuid = render(case, lambda t: {"type": "prompt_embeds", "uuid": uuids[t]})
+    named = render(case, lambda t: {"type": "prompt_embeds", "uuid": uuids[t]})
     reference = answer(b, as_text(case))
     assert answer(a, sent) == reference
-    assert answer(b, by_uuid) == reference
+    assert answer(b, named) == reference
     # /v1/responses on the replica that never saw the data.
     text, part = "import os, sys", {"type": "prompt_embeds", "uuid": new_uuid()}
     answer(a, [{"role": "user", "content": [{**table.part(text), "uuid": part["uuid"]}]}])
@@ -159,9 +169,9 @@ def test_round_robin_conversation_never_resends(replicas, table):
 def test_uuid_sent_again_with_other_rows_is_never_served_old(replicas, table):
     a, b = replicas
     uuid = new_uuid()
-    ref = [{"role": "user", "content": [{"type": "prompt_embeds", "uuid": uuid}]}]
+    ref = by_uuid(uuid)
     for text in ("import os, sys", "for item in range(10):"):
-        answer(a, [{"role": "user", "content": [{**table.part(text), "uuid": uuid}]}])
+        answer(a, with_data(table, text, uuid))
         expected = answer(b, [{"role": "user", "content": text}])
         assert answer(b, ref) == expected  # B held the first rows when the second came
 
@@ -170,11 +180,9 @@ def test_forged_and_corrupted_values_are_refused(replicas, table, redis_store):
     a, b = replicas
     text = "def hello(world):"
     uuid = new_uuid()
-    chat = [{"role": "user", "content": [{"type": "prompt_embeds", "uuid": uuid}]}]
+    chat = by_uuid(uuid)
     expected = answer(a, [{"role": "user", "content": text}])
-    assert answer(a, [{"role": "user", "content": [{**table.part(text), "uuid": uuid}]}]) == (
-        expected
-    )
+    assert answer(a, with_data(table, text, uuid)) == expected
     store, key = redis_store.client(), key_of(redis_store, uuid)
     good = store.hget(key, "rows")
     flipped = bytearray(good)
@@ -202,9 +210,7 @@ def test_forged_and_corrupted_values_are_refused(replicas, table, redis_store):
         assert answer(server, [{"role": "user", "content": text}]) == expected  # still serving
     assert "refused the value of" in b.log()
     # The data sent again replaces the forged value.
-    assert answer(b, [{"role": "user", "content": [{**table.part(text), "uuid": uuid}]}]) == (
-        expected
-    )
+    assert answer(b, with_data(table, text, uuid)) == expected
     assert answer(a, chat) == expected
 
 
@@ -233,9 +239,8 @@ def test_concurrent_clients_on_both_replicas(replicas, table):
     def one(i: int) -> bool:
         text, uuid = texts[i % len(texts)], new_uuid()
         first, other = (a, b) if i % 2 else (b, a)
-        sent = [{"role": "user", "content": [{**table.part(text), "uuid": uuid}]}]
-        by_uuid = [{"role": "user", "content": [{"type": "prompt_embeds", "uuid": uuid}]}]
-        return answer(first, sent) == expected[text] == answer(other, by_uuid)
+        sent = answer(first, with_data(table, text, uuid))
+        return sent == expected[text] == answer(other, by_uuid(uuid))
 
     with ThreadPoolExecutor(6) as pool:
         assert all(pool.map(one, range(12)))
@@ -248,11 +253,9 @@ def test_store_stopped_and_started_again(replicas, table, redis_store):
     a, b = replicas
     text = "import os, sys"
     uuid = new_uuid()
-    chat = [{"role": "user", "content": [{"type": "prompt_embeds", "uuid": uuid}]}]
+    chat = by_uuid(uuid)
     expected = answer(a, [{"role": "user", "content": text}])
-    assert answer(a, [{"role": "user", "content": [{**table.part(text), "uuid": uuid}]}]) == (
-        expected
-    )
+    assert answer(a, with_data(table, text, uuid)) == expected
     redis_store.stop()
     try:
         assert answer(a, chat) == expected  # held by A
@@ -276,9 +279,7 @@ def test_store_stopped_and_started_again(replicas, table, redis_store):
         time.sleep(0.5)
     # The store lost its data with the restart: "send the data again", as after an eviction.
     assert response.status_code == 400 and errors.REFERENCE_UNKNOWN_CODE in response.text
-    assert answer(b, [{"role": "user", "content": [{**table.part(text), "uuid": uuid}]}]) == (
-        expected
-    )
+    assert answer(b, with_data(table, text, uuid)) == expected
     assert answer(a, chat) == expected and answer(b, chat) == expected
     part = upload_rows(a.base_url + "/v1", table.rows(text), api_key=KEY)
     assert answer(b, [{"role": "user", "content": [part]}]) == expected

@@ -75,11 +75,19 @@ def vllm_cache_root() -> Iterator[str]:
 # ``vllm_dist_<ident>-tp:...-cpushm_<rank>`` and leaves them in /dev/shm when its workers are
 # stopped (vLLM's own leak, docs/upstream.md); ``run_server`` removes those its server made.
 SHM = Path("/dev/shm")
-VLLM_SEGMENT_PREFIX = "vllm_dist_"
+VLLM_SEGMENT_PREFIXES = (
+    "vllm_dist_",
+    # A server killed during startup (see run_server) also leaves its engine's message queue
+    # (multiprocessing's ``psm_``) and a multiprocessing semaphore (``sem.mp-``) behind.
+    "psm_",
+    "sem.mp-",
+)
 
 
-def shm_names(prefix: str) -> set[str]:
-    return {p.name for p in SHM.iterdir() if p.name.startswith(prefix)} if SHM.is_dir() else set()
+def shm_names(*prefixes: str) -> set[str]:
+    if not SHM.is_dir():
+        return set()
+    return {p.name for p in SHM.iterdir() if p.name.startswith(prefixes)}
 
 
 def shm_names_in_use() -> set[str]:
@@ -103,7 +111,7 @@ def shm_names_in_use() -> set[str]:
 
 def remove_vllm_segments(since: set[str]) -> None:
     """Unlink vLLM's segments that are not in ``since`` and that no process still maps."""
-    for name in shm_names(VLLM_SEGMENT_PREFIX) - since - shm_names_in_use():
+    for name in shm_names(*VLLM_SEGMENT_PREFIXES) - since - shm_names_in_use():
         (SHM / name).unlink(missing_ok=True)
 
 
@@ -171,6 +179,26 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> 
         proc.wait(timeout=10)
 
 
+def stack_dump(proc: subprocess.Popen[bytes]) -> str:
+    """Every Python stack in ``proc``'s process group (py-spy, from the dev extra), to say
+    where a server that never became healthy was stuck."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        return "(py-spy not installed: no stacks)"
+    found = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True)
+    dumps = []
+    for pid in found.stdout.split():
+        out = subprocess.run(
+            [str(spy), "dump", "--pid", pid], capture_output=True, text=True, timeout=30
+        )
+        dumps.append(f"--- py-spy dump {pid} ---\n{out.stdout}{out.stderr}")
+    return "\n".join(dumps)
+
+
+class StartupStalled(RuntimeError):
+    """The server process lived but never answered /health in time."""
+
+
 @contextmanager
 def run_server(
     model: Path | str,
@@ -178,8 +206,35 @@ def run_server(
     env: dict,
     command: list[str] | None = None,
     timeout_s: float = STARTUP_TIMEOUT_S,
+    attempts: int = 2,
 ) -> Iterator[Server]:
-    """Start ``vllm serve`` in its own process group, wait for /health, always tear it down."""
+    """Start ``vllm serve`` in its own process group, wait for /health, always tear it down.
+
+    A start that stalls (the process alive, /health silent past ``timeout_s``) is logged with
+    every process's stack and tried once more: seen once in CI on a loaded machine, a spawned
+    engine worker that never printed a line in four minutes. A server that exits is an error
+    at once."""
+    for attempt in range(1, attempts + 1):
+        served = False
+        try:
+            with _run_server_once(model, args, env, command, timeout_s) as server:
+                served = True
+                yield server
+            return
+        except StartupStalled as stalled:
+            if served or attempt == attempts:  # a stall inside the body is not this start's
+                raise
+            print(f"--- startup stalled, starting again ---\n{stalled}", file=sys.stderr)
+
+
+@contextmanager
+def _run_server_once(
+    model: Path | str,
+    args: tuple[str, ...],
+    env: dict,
+    command: list[str] | None,
+    timeout_s: float,
+) -> Iterator[Server]:
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="vce-server-", suffix=".log", delete=False)
     cmd = command or [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port)]
@@ -187,7 +242,7 @@ def run_server(
         cmd += [*CPU_FLAGS, *args]
     else:
         cmd = [c.replace("{port}", str(port)) for c in cmd]
-    vllm_segments = shm_names(VLLM_SEGMENT_PREFIX)
+    segments = shm_names(*VLLM_SEGMENT_PREFIXES)
     proc = subprocess.Popen(
         cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
@@ -198,7 +253,10 @@ def run_server(
             if proc.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{server.tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"vllm serve not healthy after {timeout_s}s:\n{server.tail()}")
+                raise StartupStalled(
+                    f"vllm serve not healthy after {timeout_s}s:\n{server.tail()}\n"
+                    f"{stack_dump(proc)}"
+                )
             time.sleep(0.5)
         yield server
     except BaseException:
@@ -206,7 +264,7 @@ def run_server(
         raise
     finally:
         stop_process_group(proc)
-        remove_vllm_segments(since=vllm_segments)
+        remove_vllm_segments(since=segments)
 
 
 # Every part's rows cross processes through shared memory, however small (tiny test models

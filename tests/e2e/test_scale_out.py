@@ -19,7 +19,7 @@ import torch
 from chat_cases import CASES, as_text, render
 from conftest import (
     ALL_ROWS_SHARED,
-    VLLM_SEGMENT_PREFIX,
+    VLLM_SEGMENT_PREFIXES,
     run_server,
     server_env,
     shm_names,
@@ -108,7 +108,7 @@ def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_
     extra = {**ONE_CORE_PER_RANK, **ALL_ROWS_SHARED}
     env = server_env(trap=True, plugins=True, mp=True, cache_root=vllm_cache_root, extra=extra)
     args = ["--enable-prompt-embeds", "--tensor-parallel-size", "2", "--api-server-count", "2"]
-    before, vllm_before = shm_names(NAME_PREFIX), shm_names(VLLM_SEGMENT_PREFIX)
+    before, vllm_before = shm_names(NAME_PREFIX), shm_names(*VLLM_SEGMENT_PREFIXES)
     with run_server(tiny_model, *args, env=env) as server:
         check_parity(server, table, copies=12)
         check_references(server, table)
@@ -121,7 +121,7 @@ def test_tensor_parallel_2_behind_two_api_servers(tiny_model, table, vllm_cache_
     assert shm_names(NAME_PREFIX) <= before  # every segment and link is gone with the server
     # vLLM's own TP communicator segments, which it leaves (docs/upstream.md (m)): run_server
     # removes them (a concurrent run's live server may still map some of its own).
-    assert not shm_names(VLLM_SEGMENT_PREFIX) - vllm_before - shm_names_in_use()
+    assert not shm_names(*VLLM_SEGMENT_PREFIXES) - vllm_before - shm_names_in_use()
 
 
 def test_data_parallel_2_where_shared_memory_is_too_small(tiny_model, table, vllm_cache_root):

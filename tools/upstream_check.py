@@ -1,13 +1,17 @@
 """Build, apply and test the upstream patch series of ``upstream/`` against vLLM 0.33.0.
 
 Why: the series is meant for vLLM itself, so it is checked on vLLM's own code with this plugin
-off (``VLLM_PLUGINS=""``): every patch must apply in order to a pristine 0.33.0 tree, the
-patches' own tests must pass on the patched vLLM, and our hostile end-to-end cases must show
-the patched built-in alive after every case, answering each case the series claims as claimed.
+off (``VLLM_PLUGINS=""``): every patch must apply to vLLM v0.33.0's source release with only
+the patches it says it depends on, the whole series must go in as a submitter would apply it
+(``upstream/am.sh``: ``git am --signoff``), every Python file it touches must pass vLLM's own
+ruff check and format at the version vLLM's pre-commit pins, the patches' own tests must pass
+on the patched vLLM, and our hostile end-to-end cases must show the patched built-in alive
+after every case, answering each case the series claims as claimed.
 
 Trees (all under ``build/upstream/``, git-ignored; the shared venvs are never written):
-- ``pristine-0.33.0/``: the 0.33 wheel's Python files, unpacked from the cached wheel; every
-  patch is applied to it in order (the apply check);
+- ``pristine-0.33.0/``: vLLM v0.33.0's source release (the PyPI sdist: code, tests, docs,
+  ``pyproject.toml``), a git repository the series is applied to with ``upstream/am.sh``;
+- ``ruff-<version>/``: the ruff that vLLM's ``.pre-commit-config.yaml`` pins;
 - ``pristine-0.32.0/``: ``.venv``'s vllm Python files; reports which patches also apply to 0.32;
 - ``site/``: the harness's vllm package (0.33 Python over 0.32's CPU kernels; ``.py`` files
   copied, everything else linked), with the series applied. ``git apply`` at this root also
@@ -27,11 +31,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
+
+import upstream_series
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = REPO / "upstream"
@@ -40,7 +46,6 @@ SITE = BUILD / "site"
 HUB = BUILD / "hub"
 PRISTINE_033 = BUILD / "pristine-0.33.0"
 PRISTINE_032 = BUILD / "pristine-0.32.0"
-WHEELS = REPO / ".models" / "cache" / "wheels"
 HARNESS = REPO / ".venv-vllm033"
 VENV = REPO / ".venv"
 MODELS = REPO / ".models"
@@ -48,6 +53,12 @@ MODELS = REPO / ".models"
 MODEL_STAND_INS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "tiny-llama-test"}
 STAND_IN_REVISION = "0" * 40
 HARNESS_FILES = Path(__file__).resolve().parent / "upstream_harness"
+# The ruff of vLLM v0.33.0's .pre-commit-config.yaml (ruff-pre-commit rev), run with the
+# release's own pyproject.toml settings.
+VLLM_RUFF = "0.14.0"
+# Identity of the throwaway pristine tree's commits only (am.sh reads it from git config).
+CHECK_IDENTITY = {"user.name": "upstream-check", "user.email": "upstream-check@localhost"}
+DEPENDS = re.compile(r"^Depends on: (?P<names>[^(\n]+)", re.MULTILINE)
 
 
 def log(message: str) -> None:
@@ -84,13 +95,125 @@ def fresh_tree(root: Path) -> None:
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
 
 
-def unpack_wheel(root: Path) -> None:
-    (wheel,) = sorted(WHEELS.glob("vllm-0.33.0-*.whl"))[-1:]
+def unpack_release(root: Path) -> None:
+    """A git repository of vLLM v0.33.0's source release at ``root``."""
     fresh_tree(root)
-    with zipfile.ZipFile(wheel) as archive:
-        for info in archive.infolist():
-            if info.filename.startswith("vllm/") and info.filename.endswith(".py"):
-                archive.extract(info, root)
+    upstream_series.unpack_base(root)
+    for key, value in CHECK_IDENTITY.items():
+        subprocess.run(["git", "config", key, value], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "commit", "-qm", "v0.33.0"], cwd=root, check=True)
+
+
+def declared_dependencies(patch: Path) -> list[Path]:
+    """The patches ``patch`` says it depends on, and theirs, in series order."""
+    by_name = {p.stem.split("-", 1)[1]: p for p in series()}
+    needed: set[Path] = set()
+    pending = [patch]
+    while pending:
+        match = DEPENDS.search(pending.pop().read_text().split("\ndiff --git ", 1)[0])
+        for name in re.findall(r"[a-z0-9][a-z0-9_-]*", match["names"]) if match else []:
+            if name not in by_name:
+                raise SystemExit(f"{patch.name}: 'Depends on: {name}' names no patch")
+            if by_name[name] not in needed:
+                needed.add(by_name[name])
+                pending.append(by_name[name])
+    return [p for p in series() if p in needed]
+
+
+def check_declared_stack(root: Path) -> None:
+    """Each patch applies to the release with only the patches it declares."""
+    for patch in series():
+        subprocess.run(["git", "reset", "-q", "--hard", "HEAD"], cwd=root, check=True)
+        subprocess.run(["git", "clean", "-qfd"], cwd=root, check=True)
+        deps = declared_dependencies(patch)
+        for dep in deps:
+            git_apply(root, dep).check_returncode()
+        result = git_apply(root, patch, "--check")
+        if result.returncode != 0:
+            names = [d.name for d in deps] or "nothing"
+            raise SystemExit(f"{patch.name} does not apply over {names}:\n{result.stderr}")
+        log(f"  {patch.name} applies over {[d.name[:4] for d in deps] or 'the release alone'}")
+    subprocess.run(["git", "clean", "-qfd"], cwd=root, check=True)
+    subprocess.run(["git", "reset", "-q", "--hard", "HEAD"], cwd=root, check=True)
+
+
+def apply_as_submitter(root: Path) -> None:
+    """The whole series with ``upstream/am.sh`` (``git am --signoff``), as documented."""
+    done = subprocess.run(
+        [str(UPSTREAM / "am.sh"), str(root)], capture_output=True, text=True, cwd=REPO
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"upstream/am.sh failed:\n{done.stdout}{done.stderr}")
+    log_lines = subprocess.run(
+        [
+            "git",
+            "log",
+            "--format=%(trailers:key=Signed-off-by,valueonly)%x00",
+            "-n",
+            str(len(series())),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    unsigned = [entry for entry in log_lines[: len(series())] if not entry.strip()]
+    if unsigned:
+        raise SystemExit(f"{len(unsigned)} commit(s) without Signed-off-by after am.sh")
+    log(f"  am.sh: {len(series())} commits, each signed off")
+
+
+def vllm_ruff() -> Path:
+    target = BUILD / f"ruff-{VLLM_RUFF}"
+    binary = target / "bin" / "ruff"
+    if not binary.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--target",
+                str(target),
+                f"ruff=={VLLM_RUFF}",
+            ],
+            check=True,
+        )
+    return binary
+
+
+def lint_touched(root: Path) -> int:
+    """vLLM's ruff check and format (its settings, its pinned ruff) on every Python file the
+    series adds or changes."""
+    touched = subprocess.run(
+        [
+            "git",
+            "diff",
+            "--name-only",
+            "--diff-filter=AM",
+            "HEAD~" + str(len(series())),
+            "--",
+            "*.py",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    ruff = str(vllm_ruff())
+    status = 0
+    for cmd in ([ruff, "check", "--output-format", "concise"], [ruff, "format", "--check"]):
+        done = subprocess.run([*cmd, *touched], cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"{' '.join(cmd[1:2])} on the files the series touches:\n{done.stdout}")
+            status = 1
+    log(
+        f"  ruff {VLLM_RUFF} check and format, vLLM's settings: {len(touched)} files, "
+        f"{'clean' if status == 0 else 'NOT clean'}"
+    )
+    return status
 
 
 def copy_package(source: Path, root: Path, *, link_others: bool) -> None:
@@ -239,9 +362,12 @@ def main() -> int:
     args = parser.parse_args()
     extra = ["-k", args.keyword] if args.keyword else []
 
-    log("pristine vLLM 0.33.0 from the wheel: applying the series in order")
-    unpack_wheel(PRISTINE_033)
-    apply_in_order(PRISTINE_033, "0.33.0", required=True)
+    log("vLLM v0.33.0 source release: each patch over its declared dependencies")
+    unpack_release(PRISTINE_033)
+    check_declared_stack(PRISTINE_033)
+    log("the whole series as a submitter applies it")
+    apply_as_submitter(PRISTINE_033)
+    lint_status = lint_touched(PRISTINE_033)
     log("vLLM 0.32.0 (.venv): which patches also apply")
     copy_package(site_packages(VENV) / "vllm", PRISTINE_032, link_others=False)
     on_032 = apply_in_order(PRISTINE_032, "0.32.0", required=False)
@@ -249,8 +375,8 @@ def main() -> int:
     build_hub()
     build_site()
     if args.apply_only:
-        return 0
-    status = 0
+        return lint_status
+    status = lint_status
     if args.before:
         status |= before(extra)
     if args.per_patch:

@@ -52,7 +52,9 @@ MODELS = REPO / ".models"
 # Hub names used by the patches' tests -> the local model standing in for each.
 MODEL_STAND_INS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "tiny-llama-test"}
 STAND_IN_REVISION = "0" * 40
-HARNESS_FILES = Path(__file__).resolve().parent / "upstream_harness"
+# What vLLM's tests/conftest.py imports beyond the harness venv, installed beside it.
+TEST_DEPS = ("tblib", "pytest-asyncio")
+TESTDEPS = BUILD / "testdeps"
 # The ruff of vLLM v0.33.0's .pre-commit-config.yaml (ruff-pre-commit rev), run with the
 # release's own pyproject.toml settings.
 VLLM_RUFF = "0.14.0"
@@ -271,15 +273,14 @@ def build_site(*, upto: int | None = None, tests_of: int | None = None, site: Pa
     """``site/``: the harness's vllm with the first ``upto`` patches (all by default), plus
     the tests of patch ``tests_of`` alone when given (to run a test before its fix)."""
     copy_package(site_packages(HARNESS) / "vllm", site, link_others=True)
+    # The release's own tests (and the docs and examples they and the patches touch): the
+    # patches extend vLLM's test files, run with vLLM's conftest and tests/utils.py.
+    upstream_series.unpack_base(site, parts=("tests", "docs", "examples"))
     patches = series()
     for patch in patches[: len(patches) if upto is None else upto]:
         git_apply(site, patch).check_returncode()
     if tests_of is not None:
         git_apply(site, patches[tests_of], "--include=tests/*").check_returncode()
-    tests = site / "tests"
-    tests.mkdir(exist_ok=True)
-    if not (tests / "utils.py").exists():
-        shutil.copy2(HARNESS_FILES / "utils.py", tests / "utils.py")
     (site / "pytest.ini").write_text("[pytest]\naddopts = -p no:cacheprovider\n")
 
 
@@ -291,11 +292,22 @@ def check_env(site: Path = SITE) -> dict[str, str]:
         HF_HUB_CACHE=str(HUB),
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
-        PYTHONPATH=str(site),
+        PYTHONPATH=os.pathsep.join([str(site), str(test_deps())]),
+        PATH=os.pathsep.join([str(HARNESS / "bin"), os.environ.get("PATH", "")]),
     )
     env.setdefault("VLLM_CACHE_ROOT", str(BUILD / "vllm-cache"))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: the machine is shared
     return env
+
+
+def test_deps() -> Path:
+    if not TESTDEPS.exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+             str(TESTDEPS), *TEST_DEPS],
+            check=True,
+        )  # fmt: skip
+    return TESTDEPS
 
 
 def harness_python() -> str:
@@ -309,12 +321,23 @@ def run_tests(paths: list[str], extra: list[str]) -> int:
 
 
 def patch_tests(patch: Path) -> list[str]:
-    """The test files a patch adds or changes."""
-    files = []
+    """The tests a patch brings: each test file it adds, and in each of vLLM's test files it
+    extends, the test functions it adds (the rest of such a file may need hub models)."""
+    tests: list[str] = []
+    current, is_new = "", False
     for line in patch.read_text().splitlines():
-        if line.startswith("+++ b/tests/") and line.endswith(".py"):
-            files.append(line[len("+++ b/") :])
-    return files
+        if line.startswith("--- "):
+            is_new = line == "--- /dev/null"
+        elif line.startswith("+++ b/"):
+            path = line[len("+++ b/") :]
+            current = path if path.startswith("tests/") and path.endswith(".py") else ""
+            if current and is_new:
+                tests.append(current)
+        elif current and not is_new:
+            added = re.match(r"^\+(?:async )?def (test_\w+)", line)
+            if added:
+                tests.append(f"{current}::{added[1]}")
+    return tests
 
 
 def test_files() -> list[str]:

@@ -94,14 +94,14 @@ def sdist() -> Path:
     return path
 
 
-def unpack_base(root: Path) -> None:
-    """The parts of the release the series touches, at ``root``."""
+def unpack_base(root: Path, parts: tuple[str, ...] = BASE_PARTS) -> None:
+    """``parts`` of the release (by default all the series touches), at ``root``."""
     with tarfile.open(sdist()) as archive:
         prefix = SDIST.removesuffix(".tar.gz") + "/"
         members = []
         for member in archive.getmembers():
             name = member.name.removeprefix(prefix)
-            if member.isfile() and name.split("/", 1)[0] in BASE_PARTS:
+            if member.isfile() and name.split("/", 1)[0] in parts:
                 member.name = name
                 members.append(member)
         archive.extractall(root, members=members, filter="data")

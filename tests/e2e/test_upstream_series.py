@@ -38,8 +38,7 @@ CORE = (
     "data_number",
     "zero_rows",
     "reserved_in_tool_arguments",
-    "raw_valid_control",
-    "raw_list_dtype",
+    "data_null",
     "beam_search_with_part",
     "valid_control",
 )

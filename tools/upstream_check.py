@@ -60,7 +60,8 @@ TESTDEPS = BUILD / "testdeps"
 VLLM_RUFF = "0.14.0"
 # Identity of the throwaway pristine tree's commits only (am.sh reads it from git config).
 CHECK_IDENTITY = {"user.name": "upstream-check", "user.email": "upstream-check@localhost"}
-DEPENDS = re.compile(r"^Depends on: (?P<names>[^(\n]+)", re.MULTILINE)
+# "Depends on: name, name" (continued on lines that start with a name), then "(...)".
+DEPENDS = re.compile(r"^Depends on: (?P<names>(?:[^(\n]|\n(?=[a-z0-9]))+)", re.MULTILINE)
 
 
 def log(message: str) -> None:
@@ -234,16 +235,17 @@ def copy_package(source: Path, root: Path, *, link_others: bool) -> None:
 
 
 def apply_in_order(root: Path, label: str, *, required: bool) -> list[str]:
-    """Apply each patch in turn; return the names that applied (all, when ``required``)."""
+    """Apply the code (``vllm/``) of each patch in turn; return the names that applied (all,
+    when ``required``). Used on an installed package, which has no tests or docs."""
     applied = []
     for patch in series():
-        result = git_apply(root, patch, "--check")
+        result = git_apply(root, patch, "--check", "--include=vllm/*")
         if result.returncode != 0:
             if required:
                 raise SystemExit(f"{patch.name} does not apply to {label}:\n{result.stderr}")
             log(f"  {label}: {patch.name} does NOT apply ({result.stderr.strip().splitlines()[0]})")
             continue
-        git_apply(root, patch).check_returncode()
+        git_apply(root, patch, "--include=vllm/*").check_returncode()
         applied.append(patch.name)
         log(f"  {label}: {patch.name} applies")
     return applied

@@ -50,7 +50,10 @@ HARNESS = REPO / ".venv-vllm033"
 VENV = REPO / ".venv"
 MODELS = REPO / ".models"
 # Hub names used by the patches' tests -> the local model standing in for each.
-MODEL_STAND_INS = {"HuggingFaceTB/SmolLM2-135M-Instruct": "tiny-llama-test"}
+MODEL_STAND_INS = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "tiny-llama-test",
+    "facebook/opt-125m": "tiny-llama-test",  # the model of vLLM's prompt_embeds tests
+}
 STAND_IN_REVISION = "0" * 40
 # What vLLM's tests/conftest.py imports beyond the harness venv, installed beside it.
 TEST_DEPS = ("tblib", "pytest-asyncio")

@@ -86,7 +86,7 @@ from common import (  # noqa: E402
 from conftest import (  # noqa: E402
     MODELS,
     VLLM,
-    VLLM_SEGMENT_PREFIX,
+    VLLM_SEGMENT_PREFIXES,
     build_model,
     run_server,
     server_env,
@@ -397,6 +397,64 @@ def session_pids(leader: int) -> list[int]:
     return pids
 
 
+def process_class(pid: int, root: int) -> str:
+    """``api_server``, ``engine_core``, ``workers`` or ``other``, by process title. With
+    ``--api-server-count`` above 1 the ``vllm serve`` process only launches: its children
+    ``VLLM::APIServer_<i>`` serve, and count as API servers."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+    if name.startswith("VLLM::EngineCor"):
+        return "engine_core"
+    if name.startswith("VLLM::Worker"):
+        return "workers"
+    if pid == root or name.startswith("VLLM::APIServer"):
+        return "api_server"
+    return "other"
+
+
+def smaps_pss(pid: int) -> dict[str, int]:
+    """``pid``'s PSS by kind of mapping: ``heap`` (brk), ``anon`` (anonymous mappings: glibc's
+    big chunks and thread arenas, Python's arenas, mmapped bodies), ``shm`` (/dev/shm and other
+    shared memory), ``file`` (code and data files)."""
+    kinds = {"heap": 0, "anon": 0, "shm": 0, "file": 0}
+    kind = "anon"
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return kinds
+    for line in lines:
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            fields = line.split()
+            path = fields[5] if len(fields) > 5 else ""
+            if path == "[heap]":
+                kind = "heap"
+            elif path.startswith(("/dev/shm/", "/SYSV", "/memfd:")):
+                kind = "shm"
+            elif path.startswith("/"):
+                kind = "file"
+            else:
+                kind = "anon"
+        elif first == "Pss:":
+            kinds[kind] += int(line.split()[1]) * 1024
+    return kinds
+
+
+def pss_by_process(leader: int) -> dict[str, dict[str, int]]:
+    """PSS by process class (summed over its processes) and kind of mapping."""
+    out: dict[str, dict[str, int]] = {}
+    for pid in session_pids(leader):
+        kind = process_class(pid, leader)
+        if kind == "gone":
+            continue
+        into = out.setdefault(kind, {})
+        for key, value in smaps_pss(pid).items():
+            into[key] = into.get(key, 0) + value
+    return out
+
+
 def pss_bytes(leader: int) -> int:
     total = 0
     for pid in session_pids(leader):
@@ -455,7 +513,7 @@ def shm_bytes() -> int:
     """Bytes in /dev/shm, vLLM's own broadcast buffers and semaphores left out."""
     total = 0
     for entry in Path("/dev/shm").iterdir():
-        if entry.name.startswith("sem.") or entry.name.startswith(VLLM_SEGMENT_PREFIX):
+        if entry.name.startswith("sem.") or entry.name.startswith(VLLM_SEGMENT_PREFIXES):
             continue
         try:
             total += entry.stat().st_blocks * 512
@@ -472,8 +530,12 @@ def memory_phase(
     total: int,
     rows: int,
     plugin_args: tuple[str, ...] = (),
+    bound: int = REFERENCE_BYTES,
 ) -> dict[str, Any]:
-    extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_BYTES)}
+    """``total`` bytes of distinct ``rows``-row parts sent inline with a uuid through a store of
+    ``bound`` bytes (``CHAT_EMBEDS_REFERENCE_BYTES``); memory before and after, per process
+    class and kind of mapping too (``pss_by_process``)."""
+    extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(bound)}
     part_bytes = rows * 4096 * 2
     count = max(1, total // part_bytes)
     with serve(model, tp, cache_root, ("plugin",), extra, plugin_args) as servers:
@@ -487,6 +549,7 @@ def memory_phase(
             "shm": shm_bytes(),
             "client_rss": own_rss_bytes(),
         }
+        before_by_process = pss_by_process(server.proc.pid)
         for i in range(count):
             part = {**prompt_embeds_part(big.rows(rows, salt=i + 1), encoding="raw")}
             part["uuid"] = f"mem-{i}-{uuid.uuid4().hex}"
@@ -502,23 +565,42 @@ def memory_phase(
             "shm": shm_bytes(),
             "client_rss": own_rss_bytes(),
         }
+        after_by_process = pss_by_process(server.proc.pid)
     growth = {k: after[k] - before[k] for k in before}
+    by_process = {
+        cls: {k: v - before_by_process.get(cls, {}).get(k, 0) for k, v in kinds.items()}
+        for cls, kinds in after_by_process.items()
+    }
     return {
         "tp": tp,
-        "reference_bytes": REFERENCE_BYTES,
+        "reference_bytes": bound,
         "parts": count,
         "rows_per_part": rows,
         "sent_bytes_float16": count * part_bytes,
         "before": before,
         "after": after,
         "growth": growth,
-        "pss_growth_x_bound": round(growth["pss"] / REFERENCE_BYTES, 2),
-        "used_growth_x_bound": round(growth["used"] / REFERENCE_BYTES, 2),
+        "pss_growth_by_process": by_process,
+        "pss_growth_x_bound": round(growth["pss"] / bound, 2),
+        "used_growth_x_bound": round(growth["used"] / bound, 2),
         # The machine's used memory less what this benchmark process itself grew by.
-        "server_used_growth_x_bound": round(
-            (growth["used"] - growth["client_rss"]) / REFERENCE_BYTES, 2
-        ),
+        "server_used_growth_x_bound": round((growth["used"] - growth["client_rss"]) / bound, 2),
     }
+
+
+def print_memory(m: dict[str, Any]) -> None:
+    print(
+        f"memory TP={m['tp']}: {m['parts']} parts by uuid ({m['sent_bytes_float16'] >> 20} "
+        f"MiB float16), bound {m['reference_bytes'] >> 20} MiB: PSS +"
+        f"{m['growth']['pss'] >> 20} MiB ({m['pss_growth_x_bound']}x), machine used +"
+        f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x; less this "
+        f"process's own growth: {m['server_used_growth_x_bound']}x), /dev/shm +"
+        f"{m['growth']['shm'] >> 20} MiB",
+        flush=True,
+    )
+    for cls, kinds in sorted(m["pss_growth_by_process"].items()):
+        parts = ", ".join(f"{k} {v / MIB:+.1f}" for k, v in kinds.items())
+        print(f"  PSS growth, {cls} (MiB): {parts}", flush=True)
 
 
 # -- stages (in this process) ------------------------------------------------------------------
@@ -736,6 +818,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tput-requests", type=int, help="throughput: chats per batch (16; 0)")
     parser.add_argument("--memory-tp", type=int, nargs="+", help="memory phase at (1)")
     parser.add_argument(
+        "--memory-bound-mib", type=int, default=REFERENCE_BYTES // MIB,
+        help="memory phase: CHAT_EMBEDS_REFERENCE_BYTES in MiB (64; issue 32: 128)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--memory-only", action="store_true", help="the memory phase alone (no latency phase)"
+    )
+    parser.add_argument(
         "--plugin-args",
         default="",
         help="more vllm serve flags for the plugin's servers (--plugin-args=--flag)",
@@ -768,41 +857,40 @@ def main(argv: list[str] | None = None) -> int:
     parse: dict[str, Any] = {}
     tput: list[dict[str, Any]] = []
     memory: list[dict[str, Any]] = []
-    stage = stages(big, max(args.rows), max(3, args.runs))
+    stage = {} if args.memory_only else stages(big, max(args.rows), max(3, args.runs))
     print("stages (ms, this process):", json.dumps(stage), flush=True)
     with vllm_cache_root() as cache_root:
         for tp in args.tp:
-            print(f"\n== TP={tp}: starting plugin and built-in servers", flush=True)
             big = big_chats(models[tp], args.seed)  # rows of the model served
-            with serve(models[tp], tp, cache_root, IMPLS, {}, args.plugin_args) as servers:
-                got, parse[str(tp)] = latency_phase(
-                    servers, big, args.rows, args.runs, tp, args.seed
-                )
-                samples += got
-                if args.tput_requests:
-                    tput += throughput_phase(servers, big, 2048, 4, args.tput_requests, tp)
+            if not args.memory_only:
+                print(f"\n== TP={tp}: starting plugin and built-in servers", flush=True)
+                with serve(models[tp], tp, cache_root, IMPLS, {}, args.plugin_args) as servers:
+                    got, parse[str(tp)] = latency_phase(
+                        servers, big, args.rows, args.runs, tp, args.seed
+                    )
+                    samples += got
+                    if args.tput_requests:
+                        tput += throughput_phase(servers, big, 2048, 4, args.tput_requests, tp)
             if args.memory_mib and tp in args.memory_tp:
                 memory.append(
                     memory_phase(
                         models[tp], big, cache_root, tp, args.memory_mib * MIB, 2048,
-                        args.plugin_args,
+                        args.plugin_args, args.memory_bound_mib * MIB,
                     )
                 )  # fmt: skip
-                print("  memory:", json.dumps(memory[-1]["growth"]), flush=True)
+                print_memory(memory[-1])
             partial = {"samples": samples, "parse_ms": parse, "memory": memory, "stages_ms": stage}
             write_results(f"{NAME}.partial", partial)  # a later phase may fail
+    if args.memory_only:
+        path = write_results(f"{NAME}.memory", {"args": vars(args), "memory": memory,
+                                                "loadavg": os.getloadavg()})  # fmt: skip
+        print(f"wrote {path}")
+        return 0
     rows = summarize(samples)
     print_latency(rows)
     print("\nparse (ms, 404 after the body is read and validated):", json.dumps(parse))
     for m in memory:
-        print(
-            f"memory TP={m['tp']}: {m['parts']} parts by uuid ({m['sent_bytes_float16'] >> 20} "
-            f"MiB float16), bound {m['reference_bytes'] >> 20} MiB: PSS +"
-            f"{m['growth']['pss'] >> 20} MiB ({m['pss_growth_x_bound']}x), machine used +"
-            f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x; less this "
-            f"process's own growth: {m['server_used_growth_x_bound']}x), /dev/shm +"
-            f"{m['growth']['shm'] >> 20} MiB"
-        )
+        print_memory(m)
     elapsed = round(time.monotonic() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"{results_stem(NAME)}.png"

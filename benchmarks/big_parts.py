@@ -106,7 +106,7 @@ from latency_side_by_side import (  # noqa: E402
 
 from vllm_chat_embeds import client  # noqa: E402
 from vllm_chat_embeds.client import prompt_embeds_part  # noqa: E402
-from vllm_chat_embeds.entrypoints.big_bodies import heap_trimmer  # noqa: E402
+from vllm_chat_embeds.heap import heap_trimmer  # noqa: E402
 
 NAME = "big_parts"
 IMPLS: tuple[Impl, ...] = ("plugin", "builtin")
@@ -531,10 +531,11 @@ def memory_phase(
     rows: int,
     plugin_args: tuple[str, ...] = (),
     bound: int = REFERENCE_BYTES,
+    clients: int = 1,
 ) -> dict[str, Any]:
     """``total`` bytes of distinct ``rows``-row parts sent inline with a uuid through a store of
-    ``bound`` bytes (``CHAT_EMBEDS_REFERENCE_BYTES``); memory before and after, per process
-    class and kind of mapping too (``pss_by_process``)."""
+    ``bound`` bytes (``CHAT_EMBEDS_REFERENCE_BYTES``) by ``clients`` clients at once; memory
+    before and after, per process class and kind of mapping too (``pss_by_process``)."""
     extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(bound)}
     part_bytes = rows * 4096 * 2
     count = max(1, total // part_bytes)
@@ -550,13 +551,18 @@ def memory_phase(
             "client_rss": own_rss_bytes(),
         }
         before_by_process = pss_by_process(server.proc.pid)
-        for i in range(count):
+
+        def send(i: int) -> None:
             part = {**prompt_embeds_part(big.rows(rows, salt=i + 1), encoding="raw")}
             part["uuid"] = f"mem-{i}-{uuid.uuid4().hex}"
             reply = post(server, Body(big.with_part(part)).render())
             if reply.status != 200:
                 raise RuntimeError(f"memory phase: {reply.status} {reply.error}")
-            del part  # its data string is as big as the rows: not to be counted as held
+
+        # Each body is dropped once sent: its data string is as big as the rows, not to be
+        # counted as held.
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(send, range(count)))
         time.sleep(1.5)
         trim_own_heap()
         after = {
@@ -575,6 +581,7 @@ def memory_phase(
         "tp": tp,
         "reference_bytes": bound,
         "parts": count,
+        "clients": clients,
         "rows_per_part": rows,
         "sent_bytes_float16": count * part_bytes,
         "before": before,
@@ -590,8 +597,9 @@ def memory_phase(
 
 def print_memory(m: dict[str, Any]) -> None:
     print(
-        f"memory TP={m['tp']}: {m['parts']} parts by uuid ({m['sent_bytes_float16'] >> 20} "
-        f"MiB float16), bound {m['reference_bytes'] >> 20} MiB: PSS +"
+        f"memory TP={m['tp']}, {m['clients']} clients: {m['parts']} x {m['rows_per_part']} rows "
+        f"by uuid ({m['sent_bytes_float16'] >> 20} MiB float16), bound "
+        f"{m['reference_bytes'] >> 20} MiB: PSS +"
         f"{m['growth']['pss'] >> 20} MiB ({m['pss_growth_x_bound']}x), machine used +"
         f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x; less this "
         f"process's own growth: {m['server_used_growth_x_bound']}x), /dev/shm +"
@@ -821,6 +829,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--memory-bound-mib", type=int, default=REFERENCE_BYTES // MIB,
         help="memory phase: CHAT_EMBEDS_REFERENCE_BYTES in MiB (64; issue 32: 128)",
     )  # fmt: skip
+    parser.add_argument("--memory-clients", type=int, default=1, help="memory phase: clients (1)")
+    parser.add_argument("--memory-rows", type=int, default=2048, help="memory phase: rows (2048)")
     parser.add_argument(
         "--memory-only", action="store_true", help="the memory phase alone (no latency phase)"
     )
@@ -874,8 +884,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.memory_mib and tp in args.memory_tp:
                 memory.append(
                     memory_phase(
-                        models[tp], big, cache_root, tp, args.memory_mib * MIB, 2048,
-                        args.plugin_args, args.memory_bound_mib * MIB,
+                        models[tp], big, cache_root, tp, args.memory_mib * MIB, args.memory_rows,
+                        args.plugin_args, args.memory_bound_mib * MIB, args.memory_clients,
                     )
                 )  # fmt: skip
                 print_memory(memory[-1])

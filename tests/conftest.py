@@ -91,19 +91,30 @@ def shm_names(*prefixes: str) -> set[str]:
 
 
 def shm_names_in_use() -> set[str]:
-    """Names in /dev/shm that some process still maps or holds open (others' are unreadable)."""
-    used: set[str] = set()
+    """Names in /dev/shm that some process still maps or holds open (others' are unreadable).
+
+    Matched by inode, not by the path a process shows: glibc's ``sem_open`` maps a temporary
+    file and only then links it under its name, so a live semaphore's mapping never shows
+    its ``sem.*`` name."""
+    inodes: set[int] = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             for line in (proc / "maps").read_text().splitlines():
-                if "/dev/shm/" in line:
-                    used.add(line.rsplit("/dev/shm/", 1)[1].removesuffix(" (deleted)"))
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                    inodes.add(int(fields[4]))
             for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("/dev/shm/"):
-                    used.add(target.removeprefix("/dev/shm/"))
+                if os.readlink(fd).startswith("/dev/shm/"):
+                    inodes.add(fd.stat().st_ino)
+        except OSError:
+            continue
+    used = set()
+    for path in SHM.iterdir() if SHM.is_dir() else ():
+        try:
+            if path.stat().st_ino in inodes:
+                used.add(path.name)
         except OSError:
             continue
     return used

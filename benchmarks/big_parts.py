@@ -37,12 +37,21 @@ Also measured:
   base64, our decode with and without the cast, the cast alone, hop 1 as vLLM's msgpack
   encoder over a ZMQ ipc socket, hop 2 as a pickle round trip per worker, the broadcast's
   path for messages over its chunk size);
-- ``memory``: a plugin server with ``CHAT_EMBEDS_REFERENCE_BYTES=64 MiB`` gets 256 MiB of
-  distinct parts by uuid (2048 rows each); PSS summed over the server's processes before and
-  after, and the machine's used memory (``MemTotal - MemAvailable``, shared memory included;
-  also less this benchmark process's own growth, since it builds the rows and bodies).
+- ``memory``: a plugin server with ``CHAT_EMBEDS_REFERENCE_BYTES=64 MiB`` (``--memory-bound-mib``)
+  gets 256 MiB (``--memory-mib``) of distinct parts by uuid (2048 rows each, ``--memory-rows``)
+  from ``--memory-clients`` clients; PSS summed over the server's processes before and after
+  (and by process class and kind of mapping: heap, anonymous, shared memory, files), and the
+  machine's used memory (``MemTotal - MemAvailable``, shared memory included; also less this
+  benchmark process's own growth, since it builds the rows and bodies);
+- ``scale`` (issue 32 item 4; not with ``--quick``): the plugin alone behind
+  ``--api-server-count N`` for each of ``--api-servers`` (1 2), TP=1, one server at a time; 4
+  clients each on a kept-alive session send text chats, inline parts and upload + chat
+  (``upload_rows``' request, then the chat on the same connection, so both reach the API
+  server process that keeps the rows) at 2048 and 8192 rows (``--scale-rows``): requests per
+  second, and CPU per request of each process class.
 
     .venv/bin/python benchmarks/big_parts.py [--quick] [--runs N] [--tp 1 2] [--rows ...]
+        [--only latency memory scale]
 
 Prints tables, writes ``benchmarks/results/big_parts.json`` and ``.png``.
 """
@@ -86,7 +95,7 @@ from common import (  # noqa: E402
 from conftest import (  # noqa: E402
     MODELS,
     VLLM,
-    VLLM_SEGMENT_PREFIX,
+    VLLM_SEGMENT_PREFIXES,
     build_model,
     run_server,
     server_env,
@@ -106,7 +115,7 @@ from latency_side_by_side import (  # noqa: E402
 
 from vllm_chat_embeds import client  # noqa: E402
 from vllm_chat_embeds.client import prompt_embeds_part  # noqa: E402
-from vllm_chat_embeds.entrypoints.big_bodies import heap_trimmer  # noqa: E402
+from vllm_chat_embeds.heap import heap_trimmer  # noqa: E402
 
 NAME = "big_parts"
 IMPLS: tuple[Impl, ...] = ("plugin", "builtin")
@@ -129,6 +138,9 @@ REFERENCE_BYTES = 64 * MIB  # the memory phase's CHAT_EMBEDS_REFERENCE_BYTES
 ONE_CORE_PER_RANK = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 TRIM_HEAP = heap_trimmer()  # glibc's malloc_trim, or None
 TARGETS = {1: 1.25, 2: 1.30}  # inline at 8192 rows, x the text chat (issue 19)
+TICKS = os.sysconf("SC_CLK_TCK")
+SCALE_VARIANTS = ("text", "inline", "upload")  # the scale-out phase's, per size
+PHASES = ("latency", "memory", "scale")
 
 
 def sized_args(argv: list[str] | None, description: str, *, rows: list[int], runs: int,
@@ -379,6 +391,117 @@ def throughput_phase(
     return out
 
 
+# -- scale-out of the API server ---------------------------------------------------------------
+
+
+def upload_on(session: requests.Session, server: Server, raw: bytes, shape: str) -> dict[str, Any]:
+    """``upload_rows``' request on a kept-alive session: behind ``--api-server-count N`` the
+    chat naming the id must reach the API server process that keeps it, and a connection
+    stays with the process that accepted it."""
+    response = session.post(
+        server.base_url + "/v1/prompt_embeds",
+        params={"dtype": "float16", "shape": shape},
+        data=raw,
+        headers={"Content-Type": "application/octet-stream"},
+        timeout=600,
+    )
+    if response.status_code != 200:
+        raise RuntimeError(f"upload: {response.status_code} {response.text[:300]}")
+    return dict(response.json()["part"])
+
+
+def _chat_status(session: requests.Session, server: Server, data: bytes) -> int:
+    response = session.post(
+        server.base_url + "/v1/chat/completions",
+        data=data,
+        headers={"Content-Type": "application/json"},
+        timeout=600,
+    )
+    return response.status_code
+
+
+def scale_batch(
+    server: Server, big: BigChats, n: int, variant: str, clients: int, count: int
+) -> dict[str, Any]:
+    """``count`` chats from ``clients`` clients at once (each on its own kept-alive session,
+    ``max_tokens=4``), the bodies encoded before the clock starts; requests per second and
+    each process class's CPU per request."""
+    rows = big.rows(n)
+    content = big.text(n) if variant == "text" else big.with_part(
+        prompt_embeds_part(rows, encoding="raw"))  # fmt: skip
+    body = Body(content).render().replace('"max_tokens": 1', '"max_tokens": 4', 1).encode()
+    raw, shape = rows.numpy().tobytes(), f"{rows.shape[0]},{rows.shape[1]}"
+
+    def client(share: int) -> int:
+        failed = 0
+        with requests.Session() as session:
+            for _ in range(share):
+                data = body
+                if variant == "upload":
+                    part = upload_on(session, server, raw, shape)
+                    data = Body(big.with_part(part)).render().replace(
+                        '"max_tokens": 1', '"max_tokens": 4', 1).encode()  # fmt: skip
+                failed += _chat_status(session, server, data) != 200
+        return failed
+
+    shares = [count // clients + (i < count % clients) for i in range(clients)]
+    cpu_before = cpu_seconds(server.proc.pid)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        failed = sum(pool.map(client, shares))
+    wall = time.perf_counter() - started
+    cpu_after = cpu_seconds(server.proc.pid)
+    cpu_ms = {k: round(1000 * (cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0)) / count, 1)
+              for k in sorted(set(cpu_after) | set(cpu_before)) if k != "gone"}  # fmt: skip
+    return {"rows": n, "variant": variant, "clients": clients, "requests": count,
+            "failed": failed, "req_per_s": round(count / wall, 3), "cpu_ms": cpu_ms}  # fmt: skip
+
+
+def scale_phase(
+    model: Path,
+    big: BigChats,
+    cache_root: str,
+    api_servers: list[int],
+    sizes: list[int],
+    count: int,
+    plugin_args: tuple[str, ...] = (),
+    clients: int = 4,
+) -> list[dict[str, Any]]:
+    """The plugin alone behind ``--api-server-count N`` for each N (TP=1, one server at a time):
+    text, inline and upload + chat at each size, two rounds in opposite orders."""
+    out = []
+    for n_api in api_servers:
+        flags = ("--api-server-count", str(n_api), *plugin_args)
+        print(f"\n== scale-out: --api-server-count {n_api}", flush=True)
+        with serve(model, 1, cache_root, ("plugin",), {}, flags) as servers:
+            server = servers["plugin"]
+            for n in sizes:
+                for variant in SCALE_VARIANTS:  # first requests of a shape, in every process
+                    scale_batch(server, big, n, variant, clients, clients)
+                for rnd in range(2):
+                    for variant in SCALE_VARIANTS if rnd == 0 else SCALE_VARIANTS[::-1]:
+                        time.sleep(1.5)  # the worker stops polling after the last batch
+                        got = scale_batch(server, big, n, variant, clients, count)
+                        got.update(api_servers=n_api, round=rnd)
+                        out.append(got)
+                        print(f"  N={n_api} rows={n} {variant}: {got['req_per_s']:.2f} req/s "
+                              f"(failed {got['failed']}), CPU ms/request {got['cpu_ms']}",
+                              flush=True)  # fmt: skip
+    return out
+
+
+def print_scale(results: list[dict[str, Any]]) -> None:
+    """Requests per second by N, size and variant (mean of the rounds), x the text chats."""
+    cells: dict[tuple[int, int, str], list[float]] = {}
+    for r in results:
+        cells.setdefault((r["api_servers"], r["rows"], r["variant"]), []).append(r["req_per_s"])
+    print("\nscale-out, 4 clients: req/s (x text) by --api-server-count")
+    for n_api, n, variant in sorted(cells):
+        rate = statistics.mean(cells[(n_api, n, variant)])
+        text = statistics.mean(cells[(n_api, n, "text")])
+        print(f"  N={n_api} rows={n} {variant}: {rate:.2f} req/s ({rate / text:.2f}x text)")
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 
@@ -395,6 +518,78 @@ def session_pids(leader: int) -> list[int]:
         if int(fields[3]) == leader:  # field 6 (session id), after pid and comm
             pids.append(int(entry.name))
     return pids
+
+
+def process_class(pid: int, root: int) -> str:
+    """``api_server``, ``engine_core``, ``workers`` or ``other``, by process title. With
+    ``--api-server-count`` above 1 the ``vllm serve`` process only launches: its children
+    ``VLLM::APIServer_<i>`` serve, and count as API servers."""
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"
+    if name.startswith("VLLM::EngineCor"):
+        return "engine_core"
+    if name.startswith("VLLM::Worker"):
+        return "workers"
+    if pid == root or name.startswith("VLLM::APIServer"):
+        return "api_server"
+    return "other"
+
+
+def cpu_seconds(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) of every process in ``root``'s session, by class."""
+    totals: dict[str, float] = {}
+    for pid in session_pids(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        kind = process_class(pid, root)
+        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+    return totals
+
+
+def smaps_pss(pid: int) -> dict[str, int]:
+    """``pid``'s PSS by kind of mapping: ``heap`` (brk), ``anon`` (anonymous mappings: glibc's
+    big chunks and thread arenas, Python's arenas, mmapped bodies), ``shm`` (/dev/shm and other
+    shared memory), ``file`` (code and data files)."""
+    kinds = {"heap": 0, "anon": 0, "shm": 0, "file": 0}
+    kind = "anon"
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return kinds
+    for line in lines:
+        first = line.split(None, 1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            fields = line.split()
+            path = fields[5] if len(fields) > 5 else ""
+            if path == "[heap]":
+                kind = "heap"
+            elif path.startswith(("/dev/shm/", "/SYSV", "/memfd:")):
+                kind = "shm"
+            elif path.startswith("/"):
+                kind = "file"
+            else:
+                kind = "anon"
+        elif first == "Pss:":
+            kinds[kind] += int(line.split()[1]) * 1024
+    return kinds
+
+
+def pss_by_process(leader: int) -> dict[str, dict[str, int]]:
+    """PSS by process class (summed over its processes) and kind of mapping."""
+    out: dict[str, dict[str, int]] = {}
+    for pid in session_pids(leader):
+        kind = process_class(pid, leader)
+        if kind == "gone":
+            continue
+        into = out.setdefault(kind, {})
+        for key, value in smaps_pss(pid).items():
+            into[key] = into.get(key, 0) + value
+    return out
 
 
 def pss_bytes(leader: int) -> int:
@@ -455,7 +650,7 @@ def shm_bytes() -> int:
     """Bytes in /dev/shm, vLLM's own broadcast buffers and semaphores left out."""
     total = 0
     for entry in Path("/dev/shm").iterdir():
-        if entry.name.startswith("sem.") or entry.name.startswith(VLLM_SEGMENT_PREFIX):
+        if entry.name.startswith("sem.") or entry.name.startswith(VLLM_SEGMENT_PREFIXES):
             continue
         try:
             total += entry.stat().st_blocks * 512
@@ -472,8 +667,13 @@ def memory_phase(
     total: int,
     rows: int,
     plugin_args: tuple[str, ...] = (),
+    bound: int = REFERENCE_BYTES,
+    clients: int = 1,
 ) -> dict[str, Any]:
-    extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(REFERENCE_BYTES)}
+    """``total`` bytes of distinct ``rows``-row parts sent inline with a uuid through a store of
+    ``bound`` bytes (``CHAT_EMBEDS_REFERENCE_BYTES``) by ``clients`` clients at once; memory
+    before and after, per process class and kind of mapping too (``pss_by_process``)."""
+    extra = {"CHAT_EMBEDS_REFERENCE_BYTES": str(bound)}
     part_bytes = rows * 4096 * 2
     count = max(1, total // part_bytes)
     with serve(model, tp, cache_root, ("plugin",), extra, plugin_args) as servers:
@@ -487,13 +687,19 @@ def memory_phase(
             "shm": shm_bytes(),
             "client_rss": own_rss_bytes(),
         }
-        for i in range(count):
+        before_by_process = pss_by_process(server.proc.pid)
+
+        def send(i: int) -> None:
             part = {**prompt_embeds_part(big.rows(rows, salt=i + 1), encoding="raw")}
             part["uuid"] = f"mem-{i}-{uuid.uuid4().hex}"
             reply = post(server, Body(big.with_part(part)).render())
             if reply.status != 200:
                 raise RuntimeError(f"memory phase: {reply.status} {reply.error}")
-            del part  # its data string is as big as the rows: not to be counted as held
+
+        # Each body is dropped once sent: its data string is as big as the rows, not to be
+        # counted as held.
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(send, range(count)))
         time.sleep(1.5)
         trim_own_heap()
         after = {
@@ -502,23 +708,44 @@ def memory_phase(
             "shm": shm_bytes(),
             "client_rss": own_rss_bytes(),
         }
+        after_by_process = pss_by_process(server.proc.pid)
     growth = {k: after[k] - before[k] for k in before}
+    by_process = {
+        cls: {k: v - before_by_process.get(cls, {}).get(k, 0) for k, v in kinds.items()}
+        for cls, kinds in after_by_process.items()
+    }
     return {
         "tp": tp,
-        "reference_bytes": REFERENCE_BYTES,
+        "reference_bytes": bound,
         "parts": count,
+        "clients": clients,
         "rows_per_part": rows,
         "sent_bytes_float16": count * part_bytes,
         "before": before,
         "after": after,
         "growth": growth,
-        "pss_growth_x_bound": round(growth["pss"] / REFERENCE_BYTES, 2),
-        "used_growth_x_bound": round(growth["used"] / REFERENCE_BYTES, 2),
+        "pss_growth_by_process": by_process,
+        "pss_growth_x_bound": round(growth["pss"] / bound, 2),
+        "used_growth_x_bound": round(growth["used"] / bound, 2),
         # The machine's used memory less what this benchmark process itself grew by.
-        "server_used_growth_x_bound": round(
-            (growth["used"] - growth["client_rss"]) / REFERENCE_BYTES, 2
-        ),
+        "server_used_growth_x_bound": round((growth["used"] - growth["client_rss"]) / bound, 2),
     }
+
+
+def print_memory(m: dict[str, Any]) -> None:
+    print(
+        f"memory TP={m['tp']}, {m['clients']} clients: {m['parts']} x {m['rows_per_part']} rows "
+        f"by uuid ({m['sent_bytes_float16'] >> 20} MiB float16), bound "
+        f"{m['reference_bytes'] >> 20} MiB: PSS +"
+        f"{m['growth']['pss'] >> 20} MiB ({m['pss_growth_x_bound']}x), machine used +"
+        f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x; less this "
+        f"process's own growth: {m['server_used_growth_x_bound']}x), /dev/shm +"
+        f"{m['growth']['shm'] >> 20} MiB",
+        flush=True,
+    )
+    for cls, kinds in sorted(m["pss_growth_by_process"].items()):
+        parts = ", ".join(f"{k} {v / MIB:+.1f}" for k, v in kinds.items())
+        print(f"  PSS growth, {cls} (MiB): {parts}", flush=True)
 
 
 # -- stages (in this process) ------------------------------------------------------------------
@@ -736,6 +963,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tput-requests", type=int, help="throughput: chats per batch (16; 0)")
     parser.add_argument("--memory-tp", type=int, nargs="+", help="memory phase at (1)")
     parser.add_argument(
+        "--memory-bound-mib", type=int, default=REFERENCE_BYTES // MIB,
+        help="memory phase: CHAT_EMBEDS_REFERENCE_BYTES in MiB (64; issue 32: 128)",
+    )  # fmt: skip
+    parser.add_argument("--memory-clients", type=int, default=1, help="memory phase: clients (1)")
+    parser.add_argument("--memory-rows", type=int, default=2048, help="memory phase: rows (2048)")
+    parser.add_argument(
+        "--only", nargs="+", choices=PHASES, help="run these phases (all; quick: no scale)"
+    )
+    parser.add_argument(
+        "--api-servers", type=int, nargs="+", default=[1, 2],
+        help="scale phase: --api-server-count values (1 2)",
+    )  # fmt: skip
+    parser.add_argument("--scale-rows", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--scale-requests", type=int, default=12, help="scale: chats per batch")
+    parser.add_argument(
         "--plugin-args",
         default="",
         help="more vllm serve flags for the plugin's servers (--plugin-args=--flag)",
@@ -751,6 +993,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.tput_requests = 0 if args.quick else 16
     args.memory_tp = args.memory_tp or [1]
     args.plugin_args = tuple(args.plugin_args.split())
+    args.only = args.only or [p for p in PHASES if not (args.quick and p == "scale")]
     if max(args.rows) + 64 > MAX_MODEL_LEN:
         parser.error(f"rows must leave room in --max-model-len {MAX_MODEL_LEN}")
     return args
@@ -768,41 +1011,53 @@ def main(argv: list[str] | None = None) -> int:
     parse: dict[str, Any] = {}
     tput: list[dict[str, Any]] = []
     memory: list[dict[str, Any]] = []
-    stage = stages(big, max(args.rows), max(3, args.runs))
+    latency = "latency" in args.only
+    stage = stages(big, max(args.rows), max(3, args.runs)) if latency else {}
     print("stages (ms, this process):", json.dumps(stage), flush=True)
     with vllm_cache_root() as cache_root:
         for tp in args.tp:
-            print(f"\n== TP={tp}: starting plugin and built-in servers", flush=True)
             big = big_chats(models[tp], args.seed)  # rows of the model served
-            with serve(models[tp], tp, cache_root, IMPLS, {}, args.plugin_args) as servers:
-                got, parse[str(tp)] = latency_phase(
-                    servers, big, args.rows, args.runs, tp, args.seed
-                )
-                samples += got
-                if args.tput_requests:
-                    tput += throughput_phase(servers, big, 2048, 4, args.tput_requests, tp)
-            if args.memory_mib and tp in args.memory_tp:
+            if latency:
+                print(f"\n== TP={tp}: starting plugin and built-in servers", flush=True)
+                with serve(models[tp], tp, cache_root, IMPLS, {}, args.plugin_args) as servers:
+                    got, parse[str(tp)] = latency_phase(
+                        servers, big, args.rows, args.runs, tp, args.seed
+                    )
+                    samples += got
+                    if args.tput_requests:
+                        tput += throughput_phase(servers, big, 2048, 4, args.tput_requests, tp)
+            if "memory" in args.only and args.memory_mib and tp in args.memory_tp:
                 memory.append(
                     memory_phase(
-                        models[tp], big, cache_root, tp, args.memory_mib * MIB, 2048,
-                        args.plugin_args,
+                        models[tp], big, cache_root, tp, args.memory_mib * MIB, args.memory_rows,
+                        args.plugin_args, args.memory_bound_mib * MIB, args.memory_clients,
                     )
                 )  # fmt: skip
-                print("  memory:", json.dumps(memory[-1]["growth"]), flush=True)
+                print_memory(memory[-1])
             partial = {"samples": samples, "parse_ms": parse, "memory": memory, "stages_ms": stage}
             write_results(f"{NAME}.partial", partial)  # a later phase may fail
+        scale = []
+        if "scale" in args.only:
+            big = big_chats(model, args.seed)
+            scale = scale_phase(model, big, cache_root, args.api_servers, args.scale_rows,
+                                args.scale_requests, args.plugin_args)  # fmt: skip
+            print_scale(scale)
+    if not latency:  # memory and scale-out only: their own results file
+        for m in memory:
+            print_memory(m)
+        path = write_results(f"{NAME}.{'-'.join(args.only)}", {
+            "args": vars(args), "memory": memory, "scale": scale,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        })  # fmt: skip
+        print(f"wrote {path}")
+        return 0
     rows = summarize(samples)
     print_latency(rows)
     print("\nparse (ms, 404 after the body is read and validated):", json.dumps(parse))
     for m in memory:
-        print(
-            f"memory TP={m['tp']}: {m['parts']} parts by uuid ({m['sent_bytes_float16'] >> 20} "
-            f"MiB float16), bound {m['reference_bytes'] >> 20} MiB: PSS +"
-            f"{m['growth']['pss'] >> 20} MiB ({m['pss_growth_x_bound']}x), machine used +"
-            f"{m['growth']['used'] >> 20} MiB ({m['used_growth_x_bound']}x; less this "
-            f"process's own growth: {m['server_used_growth_x_bound']}x), /dev/shm +"
-            f"{m['growth']['shm'] >> 20} MiB"
-        )
+        print_memory(m)
+    if scale:
+        print_scale(scale)
     elapsed = round(time.monotonic() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     png = RESULTS / f"{results_stem(NAME)}.png"
@@ -833,6 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         "stages_ms": stage,
         "throughput": tput,
         "memory": memory,
+        "scale": scale,
         "samples": samples,
     }
     path = write_results(NAME, data)

@@ -52,7 +52,14 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402, F401  (imported first: puts tests/ on sys.path)
-from big_parts import BigChats, big_chats, build_big_model, server_flags, sized_args  # noqa: E402
+from big_parts import (  # noqa: E402
+    BigChats,
+    big_chats,
+    build_big_model,
+    cpu_seconds,
+    server_flags,
+    sized_args,
+)
 from common import Server, exit_on_sigterm, started_together, vllm_cache_root, write_results  # noqa: E402
 from conftest import MODELS, VLLM, run_server, server_env  # noqa: E402
 from latency_side_by_side import SERVED_NAME, check_impl  # noqa: E402
@@ -60,41 +67,8 @@ from latency_side_by_side import SERVED_NAME, check_impl  # noqa: E402
 from vllm_chat_embeds.client import prompt_embeds_part, upload_file, upload_rows  # noqa: E402
 
 NAME = "cpu_per_request"
-TICKS = os.sysconf("SC_CLK_TCK")
 PLUGIN_VARIANTS = ("text", "inline_raw", "inline_safetensors", "inline_torch", "upload", "files")
 BUILTIN_VARIANTS = ("text", "inline_torch")
-
-
-def process_class(pid: int, root: int) -> str:
-    try:
-        name = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "gone"
-    if pid == root:
-        return "api_server"
-    if name.startswith("VLLM::EngineCor"):
-        return "engine_core"
-    if name.startswith("VLLM::Worker"):
-        return "workers"
-    return "other"
-
-
-def cpu_seconds(root: int) -> dict[str, float]:
-    """CPU seconds (user + system) of every process in ``root``'s session, by class."""
-    totals: dict[str, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) != root:  # the session id: run_server starts a new session
-            continue
-        kind = process_class(int(entry.name), root)
-        totals[kind] = totals.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
-    return totals
 
 
 def chat_body(content: list[dict[str, Any]]) -> str:

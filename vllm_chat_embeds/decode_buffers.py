@@ -21,8 +21,9 @@ import torch
 from .limits import Limits
 from .transport import shared_rows
 
-# Up to this size glibc's malloc recycles freed memory by itself (its dynamic mmap threshold
-# stops at 32 MiB on 64-bit hosts), and does it faster than a chunked decode into a pool.
+# Up to this size a whole decode into fresh memory costs no more than a chunked decode into a
+# pool (glibc's dynamic mmap threshold stops at 32 MiB on 64-bit hosts; in an API server every
+# block of 1 MiB or more is a fresh mapping anyway: ``heap.bound``).
 POOL_ABOVE_BYTES: Final = 32 * 1024 * 1024
 # Base64 characters decoded per step: small enough to stay in cache before the copy out.
 _CHUNK_CHARS: Final = 1 << 20

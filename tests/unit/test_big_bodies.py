@@ -208,13 +208,3 @@ def test_more_bytes_than_declared_go_on_as_they_came():
     got = _drive(messages, 600)
     assert b"".join(m["body"] for m in got) == body
     assert got[-1]["more_body"] is False
-
-
-def test_the_heap_is_trimmed_after_a_big_lift_only(monkeypatch):
-    calls: list[int] = []
-    monkeypatch.setattr(big_bodies, "_trim", lambda pad: calls.append(pad) or 1)
-    monkeypatch.setattr(big_bodies, "TRIM_AFTER_BYTES", len(BIG))
-    _run(json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode())
-    assert calls == [0]
-    _run(json.dumps(_chat({"type": "prompt_embeds", "data": BIG[:-4]})).encode())
-    assert calls == [0]  # below the threshold: no trim

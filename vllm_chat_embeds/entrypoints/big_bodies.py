@@ -13,6 +13,10 @@ cannot lift) goes on untouched, so vLLM answers it exactly as without the middle
 difference: a raw control character inside a lifted string (JSON forbids them) reaches the
 part parser with the base64 and gets the part's 400 (not base64), not FastAPI's JSON error.
 
+Memory: the body's mapping is unmapped before the route runs, and each lifted string, a block
+of its own (``heap.bound``: the API server's big heap blocks are mappings), is unmapped when
+the request's last reference to it goes.
+
 Lifetime: a handle is a random name valid for the one HTTP request that made it; it is dropped
 when the route returns. A handle sent by a client, or left over, is just an invalid base64
 string, answered by the part's usual 400.
@@ -20,8 +24,6 @@ string, answered by the part's usual 400.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import mmap
 import secrets
@@ -51,11 +53,6 @@ LIFTING: Final = (
     "parser of {paths} (CHAT_EMBEDS_LIFT_ABOVE_BYTES)"
 )
 
-# After a request whose lifted strings took this much, the heap's free pages go back to the
-# system: glibc keeps freed blocks of up to 32 MiB in the heap once it has seen bigger ones
-# freed, so every 20-90 MB string a big part passes through would otherwise stay resident.
-TRIM_AFTER_BYTES: Final = 8 * 1024 * 1024
-
 _held: dict[str, str] = {}
 
 Buffer = bytes | bytearray | mmap.mmap
@@ -71,18 +68,6 @@ def resolve(value: object) -> object:
     if isinstance(value, str) and value.startswith(HANDLE_PREFIX):
         return _held.get(value, value)
     return value
-
-
-def heap_trimmer() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (None elsewhere: musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    except OSError:
-        return None
-
-
-_trim = heap_trimmer()
 
 
 def held_count() -> int:
@@ -229,9 +214,6 @@ class LiftBigParts:
         finally:
             for handle in strings:
                 _held.pop(handle, None)
-            if _trim is not None and sum(map(len, strings.values())) >= TRIM_AFTER_BYTES:
-                del strings
-                _trim(0)
 
     async def _read(
         self, body: mmap.mmap, length: int, receive: Receive

@@ -7,7 +7,8 @@ Files API over rows, ``/v1/files`` (``entrypoints.row_uploads``; not attached wh
 part strings away from FastAPI's JSON parser (``entrypoints.big_bodies``); and it sizes the
 reference store as this API server's share of ``CHAT_EMBEDS_REFERENCE_BYTES``; with a shared row
 store, it names the ``--api-key`` realm its keys live in and adds the ``Retry-After`` header to
-its 503s (``stores.shared_store``). Why: vLLM's own way
+its 503s (``stores.shared_store``); and it sets this API server process's malloc thresholds
+(``heap.bound``), since only here is a process known to be one. Why: vLLM's own way
 for plugins to add routes, the ``vllm.endpoint_plugins`` entry point group, loads a plugin only
 when the operator names it in ``VLLM_PLUGINS``, which is also the allowlist of general plugins;
 requiring that for the routes of a general plugin would be a trap. ``build_app`` looks
@@ -37,9 +38,11 @@ def apply(patch: Patch) -> None:
     ) -> None:
         original(args, app, supported_tasks, model_config)
         if "generate" in supported_tasks:
+            from .. import heap
             from ..entrypoints import big_bodies, http_errors, row_uploads, soft_prompt_routes
             from ..stores import references, shared_store
 
+            heap.bound()  # every big body's blocks go back when freed, in every thread
             api_servers = int(getattr(args, "api_server_count", None) or 1)
             references.share_among(api_servers)
             shared_store.set_realm(getattr(args, "api_key", None))

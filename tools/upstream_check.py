@@ -62,7 +62,7 @@ TESTDEPS = BUILD / "testdeps"
 # release's own pyproject.toml settings.
 VLLM_RUFF = "0.14.0"
 # Identity of the throwaway pristine tree's commits only (am.sh reads it from git config).
-CHECK_IDENTITY = {"user.name": "upstream-check", "user.email": "upstream-check@localhost"}
+CHECK_IDENTITY = ("upstream-check", "upstream-check@localhost")
 # "Depends on: name, name" (continued on lines that start with a name), then "(...)".
 DEPENDS = re.compile(r"^Depends on: (?P<names>(?:[^(\n]|\n(?=[a-z0-9]))+)", re.MULTILINE)
 
@@ -74,8 +74,7 @@ def log(message: str) -> None:
 @functools.cache
 def series() -> list[Path]:
     """The patches in merge order (read once per run)."""
-    names = [line.strip() for line in (UPSTREAM / "series").read_text().splitlines()]
-    return [UPSTREAM / name for name in names if name and not name.startswith("#")]
+    return [UPSTREAM / name for name in upstream_series.series_names()]
 
 
 def site_packages(venv: Path) -> Path:
@@ -103,12 +102,13 @@ def fresh_tree(root: Path) -> None:
 
 def unpack_release(root: Path) -> None:
     """A git repository of vLLM v0.33.0's source release at ``root``."""
-    fresh_tree(root)
-    upstream_series.unpack_base(root)
-    for key, value in CHECK_IDENTITY.items():
-        subprocess.run(["git", "config", key, value], cwd=root, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "commit", "-qm", "v0.33.0"], cwd=root, check=True)
+    upstream_series.release_repo(root, *CHECK_IDENTITY)
+
+
+def reset_tree(root: Path) -> None:
+    """``root`` back at its last commit, without files the patches added."""
+    subprocess.run(["git", "reset", "-q", "--hard", "HEAD"], cwd=root, check=True)
+    subprocess.run(["git", "clean", "-qfd"], cwd=root, check=True)
 
 
 def declared_dependencies(patch: Path) -> list[Path]:
@@ -117,7 +117,8 @@ def declared_dependencies(patch: Path) -> list[Path]:
     needed: set[Path] = set()
     pending = [patch]
     while pending:
-        match = DEPENDS.search(pending.pop().read_text().split("\ndiff --git ", 1)[0])
+        message = upstream_series.split_patch(pending.pop().read_text())[0]
+        match = DEPENDS.search(message)
         for name in re.findall(r"[a-z0-9][a-z0-9_-]*", match["names"]) if match else []:
             if name not in by_name:
                 raise SystemExit(f"{patch.name}: 'Depends on: {name}' names no patch")
@@ -130,8 +131,7 @@ def declared_dependencies(patch: Path) -> list[Path]:
 def check_declared_stack(root: Path) -> None:
     """Each patch applies to the release with only the patches it declares."""
     for patch in series():
-        subprocess.run(["git", "reset", "-q", "--hard", "HEAD"], cwd=root, check=True)
-        subprocess.run(["git", "clean", "-qfd"], cwd=root, check=True)
+        reset_tree(root)
         deps = declared_dependencies(patch)
         for dep in deps:
             git_apply(root, dep).check_returncode()
@@ -140,8 +140,7 @@ def check_declared_stack(root: Path) -> None:
             names = [d.name for d in deps] or "nothing"
             raise SystemExit(f"{patch.name} does not apply over {names}:\n{result.stderr}")
         log(f"  {patch.name} applies over {[d.name[:4] for d in deps] or 'the release alone'}")
-    subprocess.run(["git", "clean", "-qfd"], cwd=root, check=True)
-    subprocess.run(["git", "reset", "-q", "--hard", "HEAD"], cwd=root, check=True)
+    reset_tree(root)
 
 
 def apply_as_submitter(root: Path) -> None:
@@ -170,24 +169,19 @@ def apply_as_submitter(root: Path) -> None:
     log(f"  am.sh: {len(series())} commits, each signed off")
 
 
-def vllm_ruff() -> Path:
-    target = BUILD / f"ruff-{VLLM_RUFF}"
-    binary = target / "bin" / "ruff"
-    if not binary.exists():
+def pip_target(target: Path, *requirements: str) -> Path:
+    """``requirements`` installed once into ``target`` (no dependencies), beside the venvs."""
+    if not target.exists():
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--target",
-                str(target),
-                f"ruff=={VLLM_RUFF}",
-            ],
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+             str(target), *requirements],
             check=True,
-        )
-    return binary
+        )  # fmt: skip
+    return target
+
+
+def vllm_ruff() -> Path:
+    return pip_target(BUILD / f"ruff-{VLLM_RUFF}", f"ruff=={VLLM_RUFF}") / "bin" / "ruff"
 
 
 def lint_touched(root: Path) -> int:
@@ -306,13 +300,7 @@ def check_env(site: Path = SITE) -> dict[str, str]:
 
 
 def test_deps() -> Path:
-    if not TESTDEPS.exists():
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
-             str(TESTDEPS), *TEST_DEPS],
-            check=True,
-        )  # fmt: skip
-    return TESTDEPS
+    return pip_target(TESTDEPS, *TEST_DEPS)
 
 
 def harness_python() -> str:

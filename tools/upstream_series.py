@@ -38,14 +38,12 @@ SIMPLE_INDEX: Final = "https://pypi.org/simple/vllm/"
 # What of the release the series may touch, and what its checks read (lint settings).
 BASE_PARTS: Final = ("vllm", "tests", "docs", "examples", "pyproject.toml")
 BASE_TAG: Final = "v0.33.0"
-# The throwaway workspace's own identity: never written into the patch files.
-WORK_IDENTITY: Final = ("-c", "user.name=upstream-series", "-c", "user.email=series@localhost")
 SUBJECT: Final = re.compile(r"^Subject: \[PATCH[^\]]*\] (?P<title>.+)$")
 
 
 def git(*args: str, cwd: Path = WORK, stdin: str | None = None) -> str:
     done = subprocess.run(
-        ["git", *WORK_IDENTITY, *args],
+        ["git", *args],
         cwd=cwd,
         input=stdin,
         capture_output=True,
@@ -107,14 +105,24 @@ def unpack_base(root: Path, parts: tuple[str, ...] = BASE_PARTS) -> None:
         archive.extractall(root, members=members, filter="data")
 
 
+def release_repo(root: Path, name: str, email: str, branch: str = "main") -> None:
+    """A fresh git repository at ``root`` whose one commit is the release's parts, committed
+    as ``name <email>``, a throwaway identity kept in the repository's own config (where
+    ``upstream/am.sh`` also reads it)."""
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    for args in (("init", "-q", "-b", branch), ("config", "user.name", name),
+                 ("config", "user.email", email)):  # fmt: skip
+        subprocess.run(["git", *args], cwd=root, check=True)
+    unpack_base(root)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    message = f"vLLM {BASE_TAG} (source release: {', '.join(BASE_PARTS)})"
+    subprocess.run(["git", "commit", "-qm", message], cwd=root, check=True)
+
+
 def do_import() -> None:
-    if WORK.exists():
-        subprocess.run(["rm", "-rf", str(WORK)], check=True)
-    WORK.mkdir(parents=True)
-    git("init", "-q", "-b", "series")
-    unpack_base(WORK)
-    git("add", "-A")
-    git("commit", "-q", "-m", f"vLLM {BASE_TAG} (source release: {', '.join(BASE_PARTS)})")
+    release_repo(WORK, "upstream-series", "series@localhost", branch="series")
     git("tag", BASE_TAG)
     for name in series_names():
         message, diff = split_patch((UPSTREAM / name).read_text())

@@ -208,20 +208,20 @@ def rows_for_text(
     kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     connection = kind(url.netloc, timeout=timeout)
     headers = _auth_headers(api_key)
+
+    def exchange(method: str, route: str, **extra: Any) -> bytes:
+        connection.request(method, url.path + route, **extra)
+        response = connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise UploadError(response.status, data.decode(errors="replace"))
+        return data
+
     try:
         body = json.dumps({"text": text}).encode()
-        connection.request("POST", url.path + "/prompt_embeds", body=body,
-                           headers={"Content-Type": "application/json", **headers})  # fmt: skip
-        response = connection.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise UploadError(response.status, data.decode(errors="replace"))
-        answer = json.loads(data)
-        connection.request("GET", url.path + f"/files/{answer['id']}/content", headers=headers)
-        response = connection.getresponse()
-        data = response.read()
-        if response.status != 200:
-            raise UploadError(response.status, data.decode(errors="replace"))
+        json_headers = {"Content-Type": "application/json", **headers}
+        answer = json.loads(exchange("POST", "/prompt_embeds", body=body, headers=json_headers))
+        data = exchange("GET", f"/files/{answer['id']}/content", headers=headers)
     finally:
         connection.close()
     from safetensors.torch import load

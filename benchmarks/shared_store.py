@@ -63,8 +63,8 @@ from redis_server import RedisServer  # noqa: E402
 
 from vllm_chat_embeds.client import prompt_embeds_part, upload_rows  # noqa: E402
 from vllm_chat_embeds.payload import PayloadSpec  # noqa: E402
+from vllm_chat_embeds.row_digest import rows_digest  # noqa: E402
 from vllm_chat_embeds.stores import shared_store  # noqa: E402
-from vllm_chat_embeds.stores.references import rows_sha256  # noqa: E402
 
 NAME = "shared_store"
 VARIANTS = (
@@ -98,7 +98,7 @@ def store_ms(store_url: str, big: BigChats, n: int, runs: int) -> float:
     rows = big.rows(n).contiguous()
     store = shared_store.SharedStore(store_url, timeout_s=10, ttl_s=600)
     store.bind(("bench",), int(rows.shape[1]), "")
-    store.write("bench", rows, rows_sha256(rows))
+    store.write("bench", rows, rows_digest(rows))
     spec = PayloadSpec(width=int(rows.shape[1]), dtype=rows.dtype, max_part_bytes=1 << 30,
                        max_rows=n, rows_limit=n)  # fmt: skip
     times = []

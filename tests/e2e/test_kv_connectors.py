@@ -33,7 +33,7 @@ from kv_cases import (
 )
 
 from vllm_chat_embeds.kv_transfer.row_keys import content_ids
-from vllm_chat_embeds.stores.references import rows_sha256
+from vllm_chat_embeds.row_digest import rows_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -152,7 +152,7 @@ def test_kv_events_carry_the_rows_keys(plugin_kv_server, subscriber, table):
     text_ids = [i for _, ids, _ in text_x for i in ids]
     x_ids = [i for _, ids, _ in x for i in ids]
     start = next(p for p, (a, b) in enumerate(zip(text_ids, x_ids, strict=True)) if a != b)
-    expected = content_ids(bytes.fromhex(rows_sha256(table.rows(X_TEXT))), 70, vocab).tolist()
+    expected = content_ids(bytes.fromhex(rows_digest(table.rows(X_TEXT))), 70, vocab).tolist()
     assert x_ids[start : start + 70] == expected
     assert x_ids[:start] == text_ids[:start] and x_ids[start + 70 :] == text_ids[start + 70 :]
     for (x_hash, _, x_extra), (y_hash, _, y_extra) in zip(x[1:], y[1:], strict=True):

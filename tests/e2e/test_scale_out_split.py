@@ -24,7 +24,7 @@ from test_hostile_online import hostile_outcome
 from vllm.entrypoints.scale_out.token_in_token_out.mm_serde import encode_mm_kwargs_item
 
 from vllm_chat_embeds.renderers.splice import rows_item
-from vllm_chat_embeds.stores.references import rows_sha256
+from vllm_chat_embeds.row_digest import rows_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -213,7 +213,7 @@ def _forgeries(request: dict, width: int) -> dict[str, tuple[dict, str | tuple[s
             forged(
                 lambda b, f: (
                     f["kwargs_data"].update(prompt_embeds=[_item(nan)]),
-                    f["mm_hashes"].update(prompt_embeds=[rows_sha256(nan)]),
+                    f["mm_hashes"].update(prompt_embeds=[rows_digest(nan)]),
                 )
             ),
             "features.kwargs_data.prompt_embeds[0]",

@@ -14,7 +14,7 @@ from vllm_chat_embeds.kv_transfer import row_keys
 from vllm_chat_embeds.patches import apply_all
 from vllm_chat_embeds.patches.v1_core_kv_cache_utils import SPAN_DIGESTS_KEY
 from vllm_chat_embeds.position_mask import RunMask
-from vllm_chat_embeds.stores.references import rows_sha256
+from vllm_chat_embeds.row_digest import rows_digest
 
 pytestmark = pytest.mark.unit
 
@@ -91,7 +91,7 @@ def test_dtype_is_part_of_the_key():
 
 def test_a_part_by_uuid_keys_as_the_same_rows_inline():
     data = rows()
-    given = [[3, rows_sha256(data[:3])], [2, None]]  # the first part kept by uuid
+    given = [[3, rows_digest(data[:3])], [2, None]]  # the first part kept by uuid
     by_uuid = request(data, {SPAN_DIGESTS_KEY: given})
     inline = request(data.clone())
     assert embed_ids(by_uuid) == embed_ids(inline)

@@ -14,7 +14,7 @@ from vllm_chat_embeds.entrypoints.scale_out_rows import (
     features_of_embeds,
     without_payload,
 )
-from vllm_chat_embeds.stores.references import rows_sha256
+from vllm_chat_embeds.row_digest import rows_digest
 
 pytestmark = pytest.mark.unit
 
@@ -42,7 +42,7 @@ def test_one_item_per_span_from_either_layout():
     assert features == features_of_embeds(dense, "tensors")
     ranges = features.mm_placeholders["prompt_embeds"]
     assert [(r.offset, r.length) for r in ranges] == [(1, 2), (5, 3)]
-    assert features.mm_hashes["prompt_embeds"] == [rows_sha256(s) for s in spans]
+    assert features.mm_hashes["prompt_embeds"] == [rows_digest(s) for s in spans]
     items = [decode_mm_kwargs_item(d) for d in features.kwargs_data["prompt_embeds"]]
     for item, rows in zip(items, spans, strict=True):
         assert torch.equal(item["embedding"].data, rows)

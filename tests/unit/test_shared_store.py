@@ -20,8 +20,9 @@ from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm_chat_embeds import errors
 from vllm_chat_embeds.limits import ENV_SHARED_STORE, ENV_SHARED_STORE_TIMEOUT, Limits
 from vllm_chat_embeds.renderers.parts import extract_parts
+from vllm_chat_embeds.row_digest import rows_digest
 from vllm_chat_embeds.stores import references, shared_store, uploads
-from vllm_chat_embeds.stores.references import ReferenceStore, rows_sha256
+from vllm_chat_embeds.stores.references import ReferenceStore
 from vllm_chat_embeds.stores.shared_store import SharedStore
 
 pytestmark = pytest.mark.unit
@@ -72,18 +73,18 @@ def found_rows(store: SharedStore, ident: str) -> torch.Tensor:
 def test_round_trip_keeps_bytes_dtype_and_digest(store, redis_server):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = rows(5, 1).to(dtype)
-        store.write("u", x, rows_sha256(x))
+        store.write("u", x, rows_digest(x))
         got = found_rows(store, "u")
         assert got.dtype == dtype and torch.equal(got, x)
     raw = redis_server.client().hgetall(store.key("u"))
     assert set(raw) == {b"meta", b"rows"}  # no base64, no pickle: the bytes as kept
     assert raw[b"rows"] == x.view(torch.uint8).numpy().tobytes()
-    assert json.loads(raw[b"meta"])["sha256"] == rows_sha256(x)
+    assert json.loads(raw[b"meta"])["sha256"] == rows_digest(x)
 
 
 def test_meta_alone_for_a_process_that_holds_the_rows(store):
     x = rows(3, 2)
-    store.write("u", x, rows_sha256(x))
+    store.write("u", x, rows_digest(x))
     found = store.read({"u": False, "missing": True})
     assert found["u"] is not None and found["u"].rows is None
     assert found["u"].meta["shape"] == [3, WIDTH]
@@ -92,7 +93,7 @@ def test_meta_alone_for_a_process_that_holds_the_rows(store):
 
 def test_ttl_is_set_and_refreshed_on_use(store, redis_server):
     x = rows(2, 3)
-    store.write("u", x, rows_sha256(x))
+    store.write("u", x, rows_digest(x))
     client = redis_server.client()
     assert 590 <= client.ttl(store.key("u")) <= 600
     client.expire(store.key("u"), 5)
@@ -119,7 +120,7 @@ def test_files_listing_drops_what_the_store_lost(store, redis_server):
     for i in range(3):
         x = rows(2, 10 + i)
         fields = shared_store.FileFields(f"f{i}.safetensors", "prompt_embeds", 99, 1000 + i)
-        store.write(f"file-pe-{i}", x, rows_sha256(x), fields)
+        store.write(f"file-pe-{i}", x, rows_digest(x), fields)
     redis_server.client().delete(store.key("file-pe-1"))  # evicted by the store's own policy
     listed = store.files()
     assert [i for i, _ in listed] == ["file-pe-0", "file-pe-2"]
@@ -138,7 +139,7 @@ def _forge(store: SharedStore, redis_server: RedisServer, meta: object, data: by
 
 
 def _meta(x: torch.Tensor, **changes: object) -> dict:
-    meta = {"format": 1, "dtype": "float32", "shape": list(x.shape), "sha256": rows_sha256(x)}
+    meta = {"format": 1, "dtype": "float32", "shape": list(x.shape), "sha256": rows_digest(x)}
     meta.update(changes)
     return meta
 
@@ -185,7 +186,7 @@ def test_a_bad_value_is_refused_and_never_served(store, redis_server, case, capl
 
 def test_too_many_rows_read_back_answers_the_part_limit(store):
     x = rows(SPEC.max_rows + 1, 6)
-    store.write("u", x, rows_sha256(x))
+    store.write("u", x, rows_digest(x))
     with pytest.raises(VLLMValidationError, match="rows"):
         shared_store.resolve({"u": WHERE}, SPEC, ReferenceStore(1 << 20))
 
@@ -195,11 +196,11 @@ def test_too_many_rows_read_back_answers_the_part_limit(store):
 
 def test_read_once_then_held_and_confirmed(store, redis_server):
     x = rows(4, 7)
-    store.write("u", x, rows_sha256(x))
+    store.write("u", x, rows_digest(x))
     local = ReferenceStore(1 << 20)
     first = shared_store.resolve({"u": WHERE}, SPEC, local)["u"]
     assert first is not None and torch.equal(first, x)
-    assert references.kept_rows_digest(first) == rows_sha256(x)
+    assert references.kept_rows_digest(first) == rows_digest(x)
     again = shared_store.resolve({"u": WHERE}, SPEC, local)["u"]
     assert again is first  # held here: only meta was read
 
@@ -208,7 +209,7 @@ def test_a_uuid_sent_again_elsewhere_with_other_rows_replaces_the_local_copy(sto
     old, new = rows(4, 8), rows(4, 9)
     local = ReferenceStore(1 << 20)
     local.put("u", old)
-    store.write("u", new, rows_sha256(new))  # another replica took new rows for the uuid
+    store.write("u", new, rows_digest(new))  # another replica took new rows for the uuid
     got = shared_store.resolve({"u": WHERE}, SPEC, local)["u"]
     assert got is not None and torch.equal(got, new)
 
@@ -217,7 +218,7 @@ def test_deleted_for_the_deployment_is_gone_here_too(store):
     x = rows(4, 10)
     local = ReferenceStore(1 << 20)
     local.put("u", x)
-    store.write("u", x, rows_sha256(x))
+    store.write("u", x, rows_digest(x))
     assert store.delete("u")
     assert shared_store.resolve({"u": WHERE}, SPEC, local)["u"] is None
     assert local.get("u") is None
@@ -227,8 +228,8 @@ def test_store_down_held_rows_serve_misses_get_503_fast_then_recovery(store, red
     x, y = rows(4, 11), rows(4, 12)
     local = ReferenceStore(1 << 20)
     local.put("held", x)
-    store.write("held", x, rows_sha256(x))
-    store.write("other", y, rows_sha256(y))
+    store.write("held", x, rows_digest(x))
+    store.write("other", y, rows_digest(y))
     redis_server.stop()
     try:
         started = time.monotonic()
@@ -247,7 +248,7 @@ def test_store_down_held_rows_serve_misses_get_503_fast_then_recovery(store, red
     # The data is lost with the restart; another replica (not in a back-off window) sends it.
     writer = SharedStore(redis_server.url, timeout_s=1.0, ttl_s=600)
     writer.bind(("tiny",), WIDTH, "")
-    writer.write("other", y, rows_sha256(y))
+    writer.write("other", y, rows_digest(y))
     deadline = time.monotonic() + shared_store.RETRY_AFTER_S + 2
     while True:
         try:

@@ -47,7 +47,7 @@ from ..renderers.splice import (
     rows_item,
     rows_mm_hash,
 )
-from ..stores.references import rows_sha256
+from ..row_digest import rows_digest
 
 # Stands at the rows in the ids handed to ``build_embeds_input``: no token id is negative.
 _ROW_MARK: Final = -1
@@ -88,7 +88,7 @@ def features_of_embeds(engine_input: Any, mm_payload: str) -> MultiModalFeatures
     for offset, length in runs:
         rows = rows_in_order[start : start + length]
         start += length
-        hashes.append(rows_sha256(rows))
+        hashes.append(rows_digest(rows))
         items.append(encode_mm_kwargs_item(rows_item(rows.contiguous())))
         ranges.append(PlaceholderRangeInfo(offset=offset, length=length))
     return MultiModalFeatures(
@@ -148,7 +148,7 @@ def carried_spans(serving: Any, request: Any) -> list[tuple[int, torch.Tensor]] 
         rows = validate_tensor(tensor, where, dataclasses.replace(spec, max_rows=rows_left))
         rows_left -= int(rows.shape[0])
         sent = tensor.detach().cpu().contiguous()  # hashed as /render hashed it: before any cast
-        if digest != (rows_mm_hash(hasher, sent) if hasher is not None else rows_sha256(sent)):
+        if digest != (rows_mm_hash(hasher, sent) if hasher is not None else rows_digest(sent)):
             reject(
                 errors.SCALE_OUT_HASH_MISMATCH,
                 parameter="features",

@@ -8,7 +8,7 @@ KV-transfer layer keys by token ids instead: KV connectors that store KV by the 
 (``ExampleConnector``, ``HF3FSKVConnector``, ...), the ``token_ids`` of KV-cache events that
 KV-aware routers read, P/D proxies that compare prompts. At embedding positions every request
 held the same id, so one chat's rows were served another chat's KV. Here, in the engine core,
-each part gets the SHA-256 of its rows (``references.rows_sha256``: the digest rows kept by uuid
+each part gets the SHA-256 of its rows (``row_digest.rows_digest``: the digest rows kept by uuid
 already carry, so a part sent inline and by uuid keys alike), and each of its positions an id
 drawn from that digest. Equal rows give equal ids on every server; different rows differ in
 every position with probability ``1 - 1/vocab``, so a part of ``n`` rows collides with another
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..position_mask import RunMask
-from ..stores.references import rows_sha256
+from ..row_digest import rows_digest
 
 # The request's parts as ``[(first row, rows, sha256 digest), ...]``, set on the engine's
 # ``Request`` (``patches/v1_request.py``), read by the block hasher (``v1_core_kv_cache_utils``).
@@ -101,7 +101,7 @@ def key_prompt(
     first = 0
     for count, hexdigest in part_counts(given, runs, int(rows.shape[0])):
         if hexdigest is None:
-            digest = bytes.fromhex(rows_sha256(rows[first : first + count]))
+            digest = bytes.fromhex(rows_digest(rows[first : first + count]))
         else:
             digest = bytes.fromhex(hexdigest)
         parts.append((first, count, digest))

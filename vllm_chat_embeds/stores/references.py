@@ -20,7 +20,6 @@ async renderer decodes parts in an executor thread.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Final
 import torch
 
 from ..limits import Limits
+from ..row_digest import rows_digest
 from ..transport import shared_rows
 
 # A uuid longer than this is refused: it is a name, not a payload.
@@ -60,19 +60,12 @@ def _own_rows(rows: torch.Tensor, owned: bool = False, digest: str | None = None
     return kept
 
 
-def rows_sha256(rows: torch.Tensor) -> str:
-    """The SHA-256 of rows' dtype, shape and bytes (computed every call)."""
-    digest = hashlib.sha256(f"{rows.dtype}:{tuple(rows.shape)}:".encode())
-    digest.update(rows.contiguous().view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def kept_rows_digest(rows: torch.Tensor) -> str | None:
     """The SHA-256 of rows the store keeps (of their dtype, shape and bytes), computed once;
     None for any other rows. The engine keys prefix-cache blocks over kept rows by it."""
     if getattr(rows, _HASHES_ATTR, None) is None:
         return None
-    return content_hash(rows, "sha256", rows_sha256)
+    return content_hash(rows, "sha256", rows_digest)
 
 
 @dataclass
@@ -96,7 +89,7 @@ class ReferenceStore:
         Rows larger than the whole store are not kept, and the uuid's old rows are forgotten
         even then: a later reference must never get rows other than the last ones sent.
         ``owned``: ``rows`` are a contiguous tensor nobody else holds, kept without a copy.
-        ``digest``: their ``rows_sha256``, when the caller has just checked it.
+        ``digest``: their ``rows_digest``, when the caller has just checked it.
         """
         nbytes = rows.numel() * rows.element_size()
         if nbytes > self.capacity:  # also when the store is off (capacity 0)

@@ -55,6 +55,7 @@ from .. import errors
 from ..limits import ENV_SHARED_STORE, Limits
 from ..log import logger
 from ..payload import PayloadSpec, carried_dtype, validate_tensor
+from ..row_digest import rows_digest
 from . import references
 
 T = TypeVar("T")
@@ -357,7 +358,7 @@ def rows_of(found: Found, spec: PayloadSpec, where: str) -> tuple[torch.Tensor, 
         rows = validate_tensor(rows, where, spec, pooled=False)
     except Exception as exc:  # NaN/Inf and the like: corrupted, whatever the message says
         raise BadValue(str(exc)) from exc
-    got = references.rows_sha256(rows)
+    got = rows_digest(rows)
     if got != digest:
         raise BadValue("the rows do not match their SHA-256")
     return rows, got
@@ -449,7 +450,7 @@ def keep_through(uuid: str, kept: torch.Tensor, previous_digest: str | None) -> 
     store = active()
     if store is None:
         return
-    digest = references.kept_rows_digest(kept) or references.rows_sha256(kept)
+    digest = references.kept_rows_digest(kept) or rows_digest(kept)
     try:
         if previous_digest == digest:  # sent again as it was: write only if the store lost it
             found = store.read({uuid: False}).get(uuid)

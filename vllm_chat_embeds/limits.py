@@ -26,7 +26,10 @@ ENV_LIFT_ABOVE_BYTES: Final = "CHAT_EMBEDS_LIFT_ABOVE_BYTES"
 ENV_SHARED_STORE: Final = "CHAT_EMBEDS_SHARED_STORE"
 ENV_SHARED_STORE_TIMEOUT: Final = "CHAT_EMBEDS_SHARED_STORE_TIMEOUT"
 ENV_SHARED_STORE_TTL: Final = "CHAT_EMBEDS_SHARED_STORE_TTL"
+ENV_ROW_DIGEST: Final = "CHAT_EMBEDS_ROW_DIGEST"
 ALL_ENCODINGS: Final = ("torch", "raw", "safetensors")
+# The rows' content digest (row_digest.py): blake3 as vLLM's multimodal hasher, or sha256 (FIPS).
+ROW_DIGESTS: Final = ("blake3", "sha256")
 
 DEFAULT_MAX_PARTS: Final = 64
 DEFAULT_MAX_ROWS: Final = 32768
@@ -93,12 +96,18 @@ class Limits:
     shared_store: str = ""  # a redis:// URL: rows by uuid and uploads shared by every replica
     shared_store_timeout_s: float = DEFAULT_SHARED_STORE_TIMEOUT_S
     shared_store_ttl_s: int = DEFAULT_SHARED_STORE_TTL_S
+    row_digest: str = ROW_DIGESTS[0]
 
     @classmethod
     def from_env(cls) -> Limits:
         policy = os.environ.get(ENV_DROPPED_PARTS, "error").strip().lower()
         if policy not in ("error", "warn"):
             raise ValueError(f"{ENV_DROPPED_PARTS} must be 'error' or 'warn', got {policy!r}")
+        digest = os.environ.get(ENV_ROW_DIGEST, "").strip().lower() or ROW_DIGESTS[0]
+        if digest not in ROW_DIGESTS:
+            raise ValueError(
+                f"{ENV_ROW_DIGEST} must be one of {', '.join(ROW_DIGESTS)}; got {digest!r}"
+            )
         return cls(
             max_parts=_int_env(ENV_MAX_PARTS, DEFAULT_MAX_PARTS),
             max_rows=_int_env(ENV_MAX_ROWS, DEFAULT_MAX_ROWS),
@@ -122,6 +131,7 @@ class Limits:
             shared_store_ttl_s=_int_env(
                 ENV_SHARED_STORE_TTL, DEFAULT_SHARED_STORE_TTL_S, minimum=0
             ),
+            row_digest=digest,
         )
 
 

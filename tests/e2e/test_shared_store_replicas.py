@@ -193,16 +193,15 @@ def test_forged_and_corrupted_values_are_refused(replicas, table, redis_store):
     assert errors.REFERENCE_UNKNOWN_CODE in response.text and "failed their check" in response.text
     assert answer(a, chat) == expected  # A holds the rows it checked, and their digest stands
     # A forged value, consistent with its digest, holding NaN: refused by both replicas.
-    import hashlib
     import json
+
+    from vllm_chat_embeds.row_digest import rows_digest
 
     rows = table.rows(text)
     rows[0, 0] = float("nan")
     meta = json.loads(store.hget(key, "meta"))
     data = rows.numpy().tobytes()
-    digest = hashlib.sha256(f"{rows.dtype}:{tuple(rows.shape)}:".encode())
-    digest.update(data)
-    store.hset(key, mapping={"meta": json.dumps({**meta, "sha256": digest.hexdigest()}),
+    store.hset(key, mapping={"meta": json.dumps({**meta, "digest": rows_digest(rows)}),
                              "rows": data})  # fmt: skip
     for server in (a, b):
         response = post(server, chat)

@@ -5,6 +5,7 @@ and the parts path (``extract_parts``) with two processes' local stores sharing 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import time
@@ -20,10 +21,10 @@ from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm_chat_embeds import errors
 from vllm_chat_embeds.limits import ENV_SHARED_STORE, ENV_SHARED_STORE_TIMEOUT, Limits
 from vllm_chat_embeds.renderers.parts import extract_parts
-from vllm_chat_embeds.row_digest import rows_digest
+from vllm_chat_embeds.row_digest import digest_name, rows_digest
 from vllm_chat_embeds.stores import references, shared_store, uploads
 from vllm_chat_embeds.stores.references import ReferenceStore
-from vllm_chat_embeds.stores.shared_store import SharedStore
+from vllm_chat_embeds.stores.shared_store import FORMAT, SharedStore
 
 pytestmark = pytest.mark.unit
 
@@ -79,7 +80,8 @@ def test_round_trip_keeps_bytes_dtype_and_digest(store, redis_server):
     raw = redis_server.client().hgetall(store.key("u"))
     assert set(raw) == {b"meta", b"rows"}  # no base64, no pickle: the bytes as kept
     assert raw[b"rows"] == x.view(torch.uint8).numpy().tobytes()
-    assert json.loads(raw[b"meta"])["sha256"] == rows_digest(x)
+    meta = json.loads(raw[b"meta"])
+    assert (meta["digest"], meta["digest_name"]) == (rows_digest(x), "blake3")
 
 
 def test_meta_alone_for_a_process_that_holds_the_rows(store):
@@ -139,7 +141,8 @@ def _forge(store: SharedStore, redis_server: RedisServer, meta: object, data: by
 
 
 def _meta(x: torch.Tensor, **changes: object) -> dict:
-    meta = {"format": 1, "dtype": "float32", "shape": list(x.shape), "sha256": rows_digest(x)}
+    meta = {"format": FORMAT, "dtype": "float32", "shape": list(x.shape),
+            "digest": rows_digest(x), "digest_name": digest_name()}  # fmt: skip
     meta.update(changes)
     return meta
 
@@ -155,7 +158,17 @@ def _bad_values() -> list[tuple[str, object, bytes]]:
         ("not json", b"{not json", data),
         ("a json list", [1, 2], data),
         ("no format", {k: v for k, v in _meta(x).items() if k != "format"}, data),
-        ("future format", _meta(x, format=2), data),
+        ("future format", _meta(x, format=FORMAT + 1), data),
+        (
+            "format 1 (a SHA-256 under sha256)",
+            {**_meta(x, format=1, digest=None), "sha256": hashlib.sha256(data).hexdigest()},
+            data,
+        ),
+        (
+            "another digest",
+            _meta(x, digest_name="sha256" if digest_name() != "sha256" else "md5"),
+            data,
+        ),
         ("int dtype", _meta(x, dtype="int64"), data),
         ("unknown dtype", _meta(x, dtype="float8"), data),
         ("1-d shape", _meta(x, shape=[32]), data),
@@ -164,7 +177,7 @@ def _bad_values() -> list[tuple[str, object, bytes]]:
         ("bool rows", _meta(x, shape=[True, WIDTH]), data),
         ("short data", _meta(x), data[:-4]),
         ("long data", _meta(x), data + b"\0\0\0\0"),
-        ("no digest", _meta(x, sha256=None), data),
+        ("no digest", _meta(x, digest=None), data),
         ("flipped bit", _meta(x), bytes(flipped)),
         ("NaN, digest matching", _meta(nan), nan.numpy().tobytes()),
         ("huge meta", {"format": 1, "pad": "x" * 20000}, data),

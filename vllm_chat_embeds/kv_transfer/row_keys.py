@@ -8,7 +8,7 @@ KV-transfer layer keys by token ids instead: KV connectors that store KV by the 
 (``ExampleConnector``, ``HF3FSKVConnector``, ...), the ``token_ids`` of KV-cache events that
 KV-aware routers read, P/D proxies that compare prompts. At embedding positions every request
 held the same id, so one chat's rows were served another chat's KV. Here, in the engine core,
-each part gets the SHA-256 of its rows (``row_digest.rows_digest``: the digest rows kept by uuid
+each part gets the digest of its rows (``row_digest.rows_digest``: the digest rows kept by uuid
 already carry, so a part sent inline and by uuid keys alike), and each of its positions an id
 drawn from that digest. Equal rows give equal ids on every server; different rows differ in
 every position with probability ``1 - 1/vocab``, so a part of ``n`` rows collides with another
@@ -30,7 +30,7 @@ import torch
 from ..position_mask import RunMask
 from ..row_digest import rows_digest
 
-# The request's parts as ``[(first row, rows, sha256 digest), ...]``, set on the engine's
+# The request's parts as ``[(first row, rows, digest), ...]``, set on the engine's
 # ``Request`` (``patches/v1_request.py``), read by the block hasher (``v1_core_kv_cache_utils``).
 PART_TABLE_ATTR: Final = "_vllm_chat_embeds_part_table"
 _ID_DOMAIN: Final = b"vllm_chat_embeds.row_ids\0"

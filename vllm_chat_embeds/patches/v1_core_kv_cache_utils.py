@@ -8,7 +8,7 @@ position (vLLM's own embeds prompts) keep vLLM's hashing. Why: vLLM slices the e
 absolute position, which only works for full-length tensors. When it can go: with the
 ``vllm_utils`` patch.
 
-Each part of the request carries the SHA-256 of its rows (``kv_transfer/row_keys.py``, set
+Each part of the request carries the digest of its rows (``kv_transfer/row_keys.py``, set
 when the engine's request is built; rows kept by uuid bring the digest computed once in the
 frontend, ``SPAN_DIGESTS_KEY``, which only the server sets). A block hashes the digests of the
 parts it overlaps and their row ranges instead of the rows, so rows are hashed once per
@@ -29,7 +29,8 @@ from ..kv_transfer.row_keys import PART_TABLE_ATTR
 from . import Patch, check
 
 _ROW_INDEX = "_vllm_chat_embeds_row_index"
-# The request's row spans, in row order, as [[rows, content sha256 hex or None], ...].
+# The request's row spans, in row order, as [[rows, content digest hex or None], ...]
+# (row_digest.py).
 SPAN_DIGESTS_KEY = "_vllm_chat_embeds_span_digests"
 _SPANS = b"vllm_chat_embeds.spans\0"
 

@@ -12,7 +12,7 @@ receivers hold (``HeldRows``, least recently used out first, within
 and the digests to forget); a receiver (``KeptRows``) only does what the wire says. So no policy
 has to agree across processes, and what a receiver holds is bounded by its sender's budget.
 
-Only rows the frontend keeps by uuid take part: they carry the SHA-256 of their content
+Only rows the frontend keeps by uuid take part: they carry the digest of their content
 (``SPAN_DIGESTS_KEY``), and rows are kept under that digest, never under a uuid. Rows without a
 digest travel as before. A receiver that lacks rows the wire says it holds raises
 (``ROWS_NOT_KEPT``): the request fails on its own (vLLM returns an error for it), and no

@@ -6,7 +6,7 @@ turn. A part that carries a ``uuid`` and its ``data`` leaves its decoded, valida
 a later part with the same ``uuid`` and no ``data`` gets those rows back without any of that.
 
 Why it is safe to trust client uuids: nothing downstream is keyed by the uuid. The engine keys
-prefix-cache blocks by the rows' content: over kept rows by the SHA-256 computed once when they
+prefix-cache blocks by the rows' content: over kept rows by the digest computed once when they
 were kept (``kept_rows_digest``, see ``patches/v1_core_kv_cache_utils.py``), beside images by
 their multimodal hash (``content_hash``). So two uuids holding the same rows share cache
 entries, one uuid re-sent with other rows gets other answers, and a reference costs no rehash.
@@ -34,6 +34,7 @@ from ..transport import shared_rows
 # A uuid longer than this is refused: it is a name, not a payload.
 MAX_UUID_CHARS: Final = 256
 _HASHES_ATTR: Final = "_vllm_chat_embeds_content_hashes"
+_DIGEST_KEY: Final = "rows"  # row_digest.rows_digest, beside other content hashes
 
 
 def _own_rows(rows: torch.Tensor, owned: bool = False, digest: str | None = None) -> torch.Tensor:
@@ -55,17 +56,18 @@ def _own_rows(rows: torch.Tensor, owned: bool = False, digest: str | None = None
             kept = torch.empty(rows.shape, dtype=rows.dtype)
         kept.copy_(rows)
     # Content hashes of these rows, computed once (``digest``: already known for these rows).
-    setattr(kept, _HASHES_ATTR, {} if digest is None else {"sha256": digest})
+    setattr(kept, _HASHES_ATTR, {} if digest is None else {_DIGEST_KEY: digest})
     kept_rows_digest(kept)  # here, off the event loop (the async renderer's executor)
     return kept
 
 
 def kept_rows_digest(rows: torch.Tensor) -> str | None:
-    """The SHA-256 of rows the store keeps (of their dtype, shape and bytes), computed once;
-    None for any other rows. The engine keys prefix-cache blocks over kept rows by it."""
+    """The digest (``row_digest.py``) of rows the store keeps (of their dtype, shape and
+    bytes), computed once; None for any other rows. The engine keys prefix-cache blocks over
+    kept rows by it."""
     if getattr(rows, _HASHES_ATTR, None) is None:
         return None
-    return content_hash(rows, "sha256", rows_digest)
+    return content_hash(rows, _DIGEST_KEY, rows_digest)
 
 
 @dataclass

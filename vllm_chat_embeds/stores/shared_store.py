@@ -8,17 +8,18 @@ every upload is also written to a Redis-protocol server, and a process that does
 reads it from there once, then holds it as if it had been sent to it.
 
 Layout, one Redis hash per id (``<prefix>:r:<id>``): ``meta`` (small JSON: format, dtype, shape,
-SHA-256 of the rows, the upload's file fields) and ``rows`` (the row-major little-endian bytes as
-kept, no base64, no pickle: a pickle read back would run code). A hash rather than one string:
-both fields are written by one ``HSET`` whose rows argument is a view of the kept tensor, sent
-as is (no concatenated copy), and read by one ``HMGET``; a process that holds the rows reads
-``meta`` alone. Uploads are also listed in a sorted set (``<prefix>:files``) for ``GET
-/v1/files``. ``<prefix>`` is ``vce:<digest>`` of the served model names, the hidden size and the
-``--api-key`` realm, so ids never resolve in another model's or another realm's deployment.
+the rows' digest and its name, the upload's file fields) and ``rows`` (the row-major little-
+endian bytes as kept, no base64, no pickle: a pickle read back would run code). A hash rather
+than one string: both fields are written by one ``HSET`` whose rows argument is a view of the
+kept tensor, sent as is (no concatenated copy), and read by one ``HMGET``; a process that holds
+the rows reads ``meta`` alone. Uploads are also listed in a sorted set (``<prefix>:files``) for
+``GET /v1/files``. ``<prefix>`` is ``vce:<digest>`` of the served model names, the hidden size
+and the ``--api-key`` realm, so ids never resolve in another model's or another realm's
+deployment.
 
 Nothing read back is trusted: a value is checked as an upload is (dtype, shape, limits,
-finite values) and against its SHA-256 before anything uses it; a failing one is logged and
-answered with a 400 that asks for the data again, never served.
+finite values) and against its digest (``row_digest.py``) before anything uses it; a failing
+one is logged and answered with a 400 that asks for the data again, never served.
 
 The store is the authority while it answers: a process confirms a uuid it holds against the
 store's digest (one small read, pipelined with the others of the request), so a uuid sent again
@@ -52,15 +53,16 @@ import torch
 from vllm.exceptions import GracefulHTTPError
 
 from .. import errors
-from ..limits import ENV_SHARED_STORE, Limits
+from ..limits import ENV_ROW_DIGEST, ENV_SHARED_STORE, Limits
 from ..log import logger
 from ..payload import PayloadSpec, carried_dtype, validate_tensor
-from ..row_digest import rows_digest
+from ..row_digest import digest_name, rows_digest
 from . import references
 
 T = TypeVar("T")
 
-FORMAT: Final = 1
+# 2: the digest is named (``digest``, ``digest_name``); 1 held a SHA-256 under ``sha256``.
+FORMAT: Final = 2
 # After a fault, requests that need the store are answered 503 at once for this long.
 RETRY_AFTER_S: Final = 3.0
 _DTYPES: Final = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -175,7 +177,8 @@ class SharedStore:
             "format": FORMAT,
             "dtype": str(rows.dtype).removeprefix("torch."),
             "shape": [int(n) for n in rows.shape],
-            "sha256": digest,
+            "digest": digest,
+            "digest_name": digest_name(),
         }
         if file is not None:
             name = file.filename[:_FILENAME_LIMIT]
@@ -343,9 +346,14 @@ def rows_of(found: Found, spec: PayloadSpec, where: str) -> tuple[torch.Tensor, 
         or shape[1] != spec.width
     ):
         raise BadValue(f"shape {shape!r} is not [rows, {spec.width}]")
-    digest = meta.get("sha256")
+    if meta.get("digest_name") != digest_name():
+        raise BadValue(
+            f"written with digest {meta.get('digest_name')!r}, this process keys rows by "
+            f"{digest_name()!r} ({ENV_ROW_DIGEST})"
+        )
+    digest = meta.get("digest")
     if not isinstance(digest, str) or len(digest) != 64:
-        raise BadValue("no SHA-256")
+        raise BadValue("no digest")
     data = found.rows
     if not isinstance(data, bytes) or len(data) != shape[0] * shape[1] * dtype.itemsize:
         raise BadValue(f"{len(data or b'')} bytes of rows for shape {shape} in {dtype}")
@@ -360,7 +368,7 @@ def rows_of(found: Found, spec: PayloadSpec, where: str) -> tuple[torch.Tensor, 
         raise BadValue(str(exc)) from exc
     got = rows_digest(rows)
     if got != digest:
-        raise BadValue("the rows do not match their SHA-256")
+        raise BadValue("the rows do not match their digest")
     return rows, got
 
 
@@ -454,7 +462,7 @@ def keep_through(uuid: str, kept: torch.Tensor, previous_digest: str | None) -> 
     try:
         if previous_digest == digest:  # sent again as it was: write only if the store lost it
             found = store.read({uuid: False}).get(uuid)
-            if found is not None and found.meta.get("sha256") == digest:
+            if found is not None and found.meta.get("digest") == digest:
                 return
         store.write(uuid, kept, digest)
     except StoreUnavailable:
@@ -476,7 +484,7 @@ def resolve(
     try:
         found = store.read({u: digests[u] is None for u in uuids})
         changed = [u for u, f in found.items() if f is not None and digests[u] is not None
-                   and f.meta.get("sha256") != digests[u]]  # fmt: skip
+                   and f.meta.get("digest") != digests[u]]  # fmt: skip
         if changed:
             found.update(store.read({u: True for u in changed}))
     except StoreUnavailable as exc:

@@ -16,15 +16,18 @@ rows of one-token words, after ``"Repeat:"``):
 - ``text``: the same words as text (both servers);
 - ``inline_raw``, ``inline_safetensors``, ``inline_torch``: the part inline in that encoding
   (the built-in reads ``torch`` only);
-- ``upload``: ``upload_rows`` (raw bytes to ``POST /v1/prompt_embeds``) and then the chat by
-  id, the two counted as one request;
-- ``files``: ``client.files.create`` (a safetensors file) and then the chat by id.
+- ``upload``: ``upload_rows`` (raw bytes to ``POST /v1/prompt_embeds``) alone;
+- ``files``: ``client.files.create`` (a safetensors file) alone;
+- ``chat_by_id``: the chat naming rows uploaded beforehand (so ``upload`` + ``chat_by_id`` is
+  what a part sent by upload costs in all).
 
-The floor, timed in this process with ``time.process_time`` on the same rows: for an inline
-part, finding the part's data string in the (raw-encoded) body bytes, its base64 decode and a
-finite-values check of the rows (``numpy.isfinite(...).all()``), and no JSON parse; for an
-upload, the finite-values check of the bytes as sent. The ratio is the API server's CPU per
-request over that floor. (The body's arrival over the socket is not in the floor.)
+The floor (``floor_server.py``): a minimal HTTP loop in its own process, sent the very same
+bodies, whose own CPU time per request is read the same way (its clock, not ticks): it reads
+the body off the socket into fresh memory and, for an inline part, finds the part's data
+string in the raw-encoded body, base64-decodes it and checks the rows are finite (the
+plugin's one-reduction check, the cheapest known); for an upload, it checks the bytes as sent.
+No JSON parse, no render, no digest, no engine. The ratio is the API server's CPU per request
+over that floor.
 
     .venv/bin/python benchmarks/cpu_per_request.py [--quick] [--runs N] [--rows N ...]
 
@@ -33,11 +36,11 @@ Prints a table, writes ``benchmarks/results/cpu_per_request.json``.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +48,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openai
 import requests
 
@@ -61,13 +63,15 @@ from big_parts import (  # noqa: E402
     sized_args,
 )
 from common import Server, exit_on_sigterm, started_together, vllm_cache_root, write_results  # noqa: E402
-from conftest import MODELS, VLLM, run_server, server_env  # noqa: E402
+from conftest import MODELS, VLLM, free_port, run_server, server_env  # noqa: E402
 from latency_side_by_side import SERVED_NAME, check_impl  # noqa: E402
 
 from vllm_chat_embeds.client import prompt_embeds_part, upload_file, upload_rows  # noqa: E402
 
 NAME = "cpu_per_request"
-PLUGIN_VARIANTS = ("text", "inline_raw", "inline_safetensors", "inline_torch", "upload", "files")
+PLUGIN_VARIANTS = (
+    "text", "inline_raw", "inline_safetensors", "inline_torch", "upload", "files", "chat_by_id"
+)  # fmt: skip
 BUILTIN_VARIANTS = ("text", "inline_torch")
 
 
@@ -92,38 +96,51 @@ def sender(server: Server, big: BigChats, n: int, variant: str) -> Callable[[], 
         part = prompt_embeds_part(rows, encoding=variant.removeprefix("inline_"))
         data = chat_body(big.with_part(part))
         return lambda: post(server, data)
+    base = server.base_url + "/v1"
     if variant == "upload":
-        return lambda: post(server, chat_body(big.with_part(
-            upload_rows(server.base_url + "/v1", rows))))  # fmt: skip
-    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
-    return lambda: post(server, chat_body(big.with_part(upload_file(client, rows))))
+        return lambda: None if upload_rows(base, rows) else None
+    if variant == "chat_by_id":
+        data = chat_body(big.with_part(upload_rows(base, rows)))
+        return lambda: post(server, data)
+    client = openai.OpenAI(base_url=base, api_key="none", max_retries=0)
+    return lambda: None if upload_file(client, rows) else None
 
 
-def floor_ms(big: BigChats, n: int, variant: str, runs: int) -> float | None:
-    """The minimal loop's CPU per request for the same body (ms)."""
-    rows = big.rows(n)
-    if variant == "text":
+@contextmanager
+def floor_server() -> Iterator[str]:
+    """``floor_server.py`` on a free port, stopped on exit; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floor_server.py")),
+                             str(port)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def floor_ms(floor_url: str, big: BigChats, n: int, variant: str, runs: int) -> float | None:
+    """The minimal loop's CPU per request for the same body (ms), or None (text, chats by id)."""
+    if variant in ("text", "chat_by_id"):
         return None
-    if variant in ("upload", "files"):
-        raw = rows.numpy().tobytes()
+    rows = big.rows(n)
+    if variant in ("upload", "files", "upload_reused"):
+        path, data = "/" + variant.replace("files", "upload"), rows.numpy().tobytes()
+    else:  # every inline encoding against the raw-encoded body: the least decoding there is
+        path = "/inline"
+        data = chat_body(big.with_part(prompt_embeds_part(rows, encoding="raw"))).encode()
+    session = requests.Session()
 
-        def work() -> None:
-            np.isfinite(np.frombuffer(raw, dtype="<f2")).all()
+    def cpu() -> float:
+        return float(session.get(floor_url + "/cpu", timeout=60).text)
 
-    else:
-        body = chat_body(big.with_part(prompt_embeds_part(rows, encoding="raw"))).encode()
-        key = b'"data": "'
-
-        def work() -> None:  # find the data string, decode it, check it: nothing else
-            start = body.index(key) + len(key)
-            decoded = base64.b64decode(memoryview(body)[start : body.index(b'"', start)])
-            np.isfinite(np.frombuffer(decoded, dtype="<f2")).all()
-
+    session.post(floor_url + path, data=data, timeout=600).raise_for_status()  # warm
     times = []
     for _ in range(runs):
-        started = time.process_time()
-        work()
-        times.append(time.process_time() - started)
+        before = cpu()
+        session.post(floor_url + path, data=data, timeout=600).raise_for_status()
+        times.append(cpu() - before)
     return round(1000 * statistics.median(times), 1)
 
 
@@ -165,26 +182,32 @@ def main(argv: list[str] | None = None) -> int:
     model = build_big_model(MODELS)
     big = big_chats(model, args.seed)
     table = []
-    with vllm_cache_root() as cache_root, serve(model, cache_root) as servers:
+    with (
+        vllm_cache_root() as cache_root,
+        serve(model, cache_root) as servers,
+        floor_server() as floor_url,
+    ):
         for n in args.rows:
             for impl, variants in (("plugin", PLUGIN_VARIANTS), ("builtin", BUILTIN_VARIANTS)):
                 for variant in variants:
                     cpu = measure(servers[impl], sender(servers[impl], big, n, variant), args.runs)
-                    floor = floor_ms(big, n, variant, args.runs)
+                    floor = floor_ms(floor_url, big, n, variant, args.runs)
                     api = cpu.get("api_server", 0.0)
+                    reused = (floor_ms(floor_url, big, n, "upload_reused", args.runs)
+                              if variant in ("upload", "files") else None)  # fmt: skip
                     row = {"impl": impl, "rows": n, "variant": variant, **cpu,
-                           "floor_ms": floor,
+                           "floor_ms": floor, "floor_reused_ms": reused,
                            "api_x_floor": round(api / floor, 2) if floor else None}  # fmt: skip
                     table.append(row)
                     print(json.dumps(row), flush=True)
     print(
         "\nimpl | rows | variant | API server ms | engine core ms | workers ms | floor ms | "
-        "API/floor"
+        "API/floor | floor, buffer reused ms"
     )
     for r in table:
         print(f"{r['impl']} | {r['rows']} | {r['variant']} | {r.get('api_server')} | "
               f"{r.get('engine_core')} | {r.get('workers')} | {r['floor_ms']} | "
-              f"{r['api_x_floor']}")  # fmt: skip
+              f"{r['api_x_floor']} | {r['floor_reused_ms']}")  # fmt: skip
     path = write_results(NAME, {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "args": vars(args), "table": table, "seconds": round(time.monotonic() - started, 1),

@@ -385,6 +385,25 @@ def test_api_key_guards_every_upload_route(guarded_server, table) -> None:
     assert template_regex(errors.UPLOAD_OVER_STORE).match(message)
     assert f"({SMALL_STORE_BYTES // 2} bytes per API server process" in message
     assert part["type"] == "prompt_embeds"
+    # A Files API form of unknown length (chunked) past the part limit: refused while it
+    # arrives (the form is held in memory), not read to its end; the server keeps serving.
+    boundary = "b0undary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nx\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"r.safetensors\"\r\n\r\n").encode()  # fmt: skip
+
+    def chunked_form():  # 64 MiB of file data, far past the part limit
+        yield head
+        for _ in range(1024):
+            yield bytes(64 * 1024)
+
+    response = requests.post(
+        base + "/v1/files", data=chunked_form(), timeout=120,
+        headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )  # fmt: skip
+    assert response.status_code == 400, response.text
+    assert template_regex(errors.TOO_MANY_BYTES).match(response.json()["error"]["message"])
+    assert upload_raw(guarded_server, rows, **auth).status_code == 200
 
 
 def test_two_api_servers_each_hold_their_own_uploads(guarded_server, table) -> None:

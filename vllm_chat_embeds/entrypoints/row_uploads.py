@@ -19,6 +19,8 @@ from typing import Any, Final
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import FormData
+from starlette.formparsers import MultiPartParser
 from vllm.exceptions import VLLMValidationError
 
 from .. import errors
@@ -39,6 +41,8 @@ DTYPE_HEADER: Final = "x-prompt-embeds-dtype"
 SHAPE_HEADER: Final = "x-prompt-embeds-shape"
 UPLOAD_PURPOSE: Final = "prompt_embeds"
 _FILE_CHUNK: Final = 1 << 20
+# Bytes of a Files API body beyond its rows file: the form's other fields and part headers.
+_FORM_ROOM: Final = 64 * 1024
 # No tokenizer's token spans more characters than this: a longer text has more tokens than
 # rows allowed, refused before the tokenizer runs (off the event loop) over all of it.
 _CHARS_PER_ROW_BOUND: Final = 1024
@@ -219,6 +223,36 @@ async def _upload_chunks(upload: Any) -> AsyncIterator[bytes]:
         yield chunk
 
 
+async def _read_form(request: Request, spec: PayloadSpec) -> FormData:
+    """The form, its file part held in memory up to the part limit.
+
+    Why not ``request.form()``: Starlette spools a file part above 1 MiB to a temporary file
+    on disk, one write per body chunk through a worker thread, and it is then read back: for
+    a 64 MiB part that costs more CPU than the rest of the upload (measured in
+    ``benchmarks/cpu_per_request.py``). The part is read once, into the rows, right after.
+    """
+    if _media_type(request) != "multipart/form-data":
+        return await request.form(max_files=1, max_fields=16)
+    limit = spec.max_part_bytes + _FORM_ROOM
+    parser = MultiPartParser(
+        request.headers, _bounded(request.stream(), limit), max_files=1, max_fields=16
+    )
+    parser.spool_max_size = limit
+    return await parser.parse()
+
+
+async def _bounded(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """``chunks``, refused once past ``limit`` bytes (a body of unknown length held in memory
+    must stop growing where the part limit says)."""
+    seen = 0
+    async for chunk in chunks:
+        seen += len(chunk)
+        if seen > limit:
+            errors.reject(errors.TOO_MANY_BYTES, where=errors.FILE_WHERE, size=f">{seen}",
+                          limit=limit - _FORM_ROOM)  # fmt: skip
+        yield chunk
+
+
 async def create_file(request: Request) -> JSONResponse:
     """``client.files.create(file=..., purpose=...)``: a rows file (one safetensors tensor)."""
     where = errors.FILE_WHERE
@@ -227,11 +261,13 @@ async def create_file(request: Request) -> JSONResponse:
     except VLLMValidationError as exc:
         return _refused(exc, "file")
     size = _size(request)
-    if size is not None and size > spec.max_part_bytes + 64 * 1024:  # form fields' room
+    if size is not None and size > spec.max_part_bytes + _FORM_ROOM:
         message = errors.TOO_MANY_BYTES.format(where=where, size=size, limit=spec.max_part_bytes)
         return error_response(message, HTTPStatus.BAD_REQUEST, "file")
     try:
-        form = await request.form(max_files=1, max_fields=16)
+        form = await _read_form(request, spec)
+    except VLLMValidationError as exc:
+        return _refused(exc, "file")
     except Exception as exc:  # Starlette's parser raises several types on a malformed form
         return _form_error(f"the form could not be read ({exc})", None)
     try:

@@ -39,6 +39,16 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
     "not_base64": (400, "not valid base64", "0005"),
     "zero_rows": (400, "at least one row", "0005"),
     "uuid_number": (400, "do not support `uuid`", "0005"),
+    # Every part with a uuid, whatever its value or data: refused by name, not "Missing 'type'".
+    "uuid_list": (400, "do not support `uuid`", "0005"),
+    "uuid_object": (400, "do not support `uuid`", "0005"),
+    "uuid_empty": (400, "do not support `uuid`", "0005"),
+    "uuid_empty_alone": (400, "do not support `uuid`", "0005"),
+    "uuid_huge": (400, "do not support `uuid`", "0005"),
+    "uuid_long": (400, "do not support `uuid`", "0005"),
+    "uuid_unknown": (400, "do not support `uuid`", "0005"),
+    # The plugin serves parts by reference; the built-in has none and says so.
+    "uuid_with_data_control": (400, "do not support `uuid`", "0005"),
     "reserved_in_text": (400, "reserved placeholder", "(before the series)"),
     "reserved_in_name": (400, "`name` may not contain", "0006"),
     "reserved_in_reasoning": (400, "`reasoning` may not contain", "0006"),
@@ -48,7 +58,7 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
         "`tool_calls[0].function.arguments`",
         "0006",
     ),
-    "beam_search_with_part": (200, "pt=", "0009"),
+    "beam_search_with_part": (200, "pt=", "0011"),
     "valid_control": (200, "pt=", "(control)"),
 }
 

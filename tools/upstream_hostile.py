@@ -25,6 +25,11 @@ sys.path.insert(1, str(REPO))
 import hostile_side_by_side as side  # noqa: E402  (puts tests/ on sys.path via common)
 from common import ManagedServer, build_tiny_model, vllm_cache_root  # noqa: E402
 
+# Part cases vLLM 0.33 itself refuses, with a message that names no part.
+REFUSED_BY_VLLM = (
+    "not_a_tensor_file", "pickled_dict", "exploit_pickle", "one_dim", "three_dim", "wrong_width",
+    "int_dtype", "bool_dtype", "complex_dtype", "sparse_huge", "stride_trick_huge", "data_empty",
+)  # fmt: skip
 # case -> (status, fragment of the message or reply, the patch that claims it)
 CLAIMS: dict[str, tuple[int, str, str]] = {
     "echo_with_part": (200, "pt=", "0001"),
@@ -49,6 +54,8 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
     "uuid_unknown": (400, "do not support `uuid`", "0005"),
     # The plugin serves parts by reference; the built-in has none and says so.
     "uuid_with_data_control": (400, "do not support `uuid`", "0005"),
+    # Refused by vLLM itself; 0012 names the part (the hostile cases put it second).
+    **{name: (400, "(parameter=messages[0].content[1])", "0012") for name in REFUSED_BY_VLLM},
     "reserved_in_text": (400, "reserved placeholder", "(before the series)"),
     "reserved_in_name": (400, "`name` may not contain", "0006"),
     "reserved_in_reasoning": (400, "`reasoning` may not contain", "0006"),

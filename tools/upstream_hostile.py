@@ -25,6 +25,11 @@ sys.path.insert(1, str(REPO))
 import hostile_side_by_side as side  # noqa: E402  (puts tests/ on sys.path via common)
 from common import ManagedServer, build_tiny_model, vllm_cache_root  # noqa: E402
 
+# Part cases vLLM 0.33 itself refuses, with a message that names no part.
+REFUSED_BY_VLLM = (
+    "not_a_tensor_file", "pickled_dict", "exploit_pickle", "one_dim", "three_dim", "wrong_width",
+    "int_dtype", "bool_dtype", "complex_dtype", "sparse_huge", "stride_trick_huge", "data_empty",
+)  # fmt: skip
 # case -> (status, fragment of the message or reply, the patch that claims it)
 CLAIMS: dict[str, tuple[int, str, str]] = {
     "echo_with_part": (200, "pt=", "0001"),
@@ -39,6 +44,18 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
     "not_base64": (400, "not valid base64", "0005"),
     "zero_rows": (400, "at least one row", "0005"),
     "uuid_number": (400, "do not support `uuid`", "0005"),
+    # Every part with a uuid, whatever its value or data: refused by name, not "Missing 'type'".
+    "uuid_list": (400, "do not support `uuid`", "0005"),
+    "uuid_object": (400, "do not support `uuid`", "0005"),
+    "uuid_empty": (400, "do not support `uuid`", "0005"),
+    "uuid_empty_alone": (400, "do not support `uuid`", "0005"),
+    "uuid_huge": (400, "do not support `uuid`", "0005"),
+    "uuid_long": (400, "do not support `uuid`", "0005"),
+    "uuid_unknown": (400, "do not support `uuid`", "0005"),
+    # The plugin serves parts by reference; the built-in has none and says so.
+    "uuid_with_data_control": (400, "do not support `uuid`", "0005"),
+    # Refused by vLLM itself; 0012 names the part (the hostile cases put it second).
+    **{name: (400, "(parameter=messages[0].content[1]", "0012") for name in REFUSED_BY_VLLM},
     "reserved_in_text": (400, "reserved placeholder", "(before the series)"),
     "reserved_in_name": (400, "`name` may not contain", "0006"),
     "reserved_in_reasoning": (400, "`reasoning` may not contain", "0006"),
@@ -48,7 +65,7 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
         "`tool_calls[0].function.arguments`",
         "0006",
     ),
-    "beam_search_with_part": (200, "pt=", "0009"),
+    "beam_search_with_part": (200, "pt=", "0011"),
     "valid_control": (200, "pt=", "(control)"),
 }
 

@@ -40,6 +40,7 @@ CORE = (
     "reserved_in_tool_arguments",
     "data_null",
     "beam_search_with_part",
+    "one_dim",
     "valid_control",
 )
 

@@ -54,8 +54,8 @@ CLAIMS: dict[str, tuple[int, str, str]] = {
     "uuid_unknown": (400, "do not support `uuid`", "0005"),
     # The plugin serves parts by reference; the built-in has none and says so.
     "uuid_with_data_control": (400, "do not support `uuid`", "0005"),
-    # Refused by vLLM itself; 0012 names the part (the hostile cases put it second).
-    **{name: (400, "(parameter=messages[0].content[1]", "0012") for name in REFUSED_BY_VLLM},
+    # Refused by vLLM itself; 0015 names the part (the hostile cases put it second).
+    **{name: (400, "(parameter=messages[0].content[1]", "0015") for name in REFUSED_BY_VLLM},
     "reserved_in_text": (400, "reserved placeholder", "(before the series)"),
     "reserved_in_name": (400, "`name` may not contain", "0006"),
     "reserved_in_reasoning": (400, "`reasoning` may not contain", "0006"),

@@ -31,6 +31,8 @@ ORDER = (
     "big_parts.py",
 )
 MAIN_GUARD = 'if __name__ == "__main__":'
+# Scripts other benchmarks start for themselves, never run on their own.
+HELPERS = frozenset({"floor_server.py"})
 QUICK_FLAG = '"--quick"'
 TERM_GRACE_S = 90.0  # servers take a while to stop
 
@@ -54,7 +56,9 @@ def find_scripts(only: list[str] | None) -> list[Path]:
     found = [
         path
         for path in sorted(HERE.glob("*.py"))
-        if path.name != Path(__file__).name and MAIN_GUARD in path.read_text(errors="replace")
+        if path.name != Path(__file__).name
+        and path.name not in HELPERS
+        and MAIN_GUARD in path.read_text(errors="replace")
     ]
     rank = {name: i for i, name in enumerate(ORDER)}
     found.sort(key=lambda path: (rank.get(path.name, len(ORDER)), path.name))

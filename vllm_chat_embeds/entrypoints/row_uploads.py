@@ -43,6 +43,8 @@ UPLOAD_PURPOSE: Final = "prompt_embeds"
 _FILE_CHUNK: Final = 1 << 20
 # Bytes of a Files API body beyond its rows file: the form's other fields and part headers.
 _FORM_ROOM: Final = 64 * 1024
+# A rows form: one file and a few fields (``purpose``), whichever parser reads it.
+_FORM_BOUNDS: Final = {"max_files": 1, "max_fields": 16}
 # No tokenizer's token spans more characters than this: a longer text has more tokens than
 # rows allowed, refused before the tokenizer runs (off the event loop) over all of it.
 _CHARS_PER_ROW_BOUND: Final = 1024
@@ -232,11 +234,9 @@ async def _read_form(request: Request, spec: PayloadSpec) -> FormData:
     ``benchmarks/cpu_per_request.py``). The part is read once, into the rows, right after.
     """
     if _media_type(request) != "multipart/form-data":
-        return await request.form(max_files=1, max_fields=16)
+        return await request.form(**_FORM_BOUNDS)
     limit = spec.max_part_bytes + _FORM_ROOM
-    parser = MultiPartParser(
-        request.headers, _bounded(request.stream(), limit), max_files=1, max_fields=16
-    )
+    parser = MultiPartParser(request.headers, _bounded(request.stream(), limit), **_FORM_BOUNDS)
     parser.spool_max_size = limit
     return await parser.parse()
 

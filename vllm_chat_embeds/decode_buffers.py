@@ -25,6 +25,10 @@ from .transport import shared_rows
 # pool (glibc's dynamic mmap threshold stops at 32 MiB on 64-bit hosts; in an API server every
 # block of 1 MiB or more is a fresh mapping anyway: ``heap.bound``).
 POOL_ABOVE_BYTES: Final = 32 * 1024 * 1024
+# A part's base64 text: a ``str`` from JSON, or a view of the request body's bytes for a string
+# the HTTP layer lifted out of it (``entrypoints/big_bodies.py``), read in place.
+Base64Text = str | memoryview
+
 # Base64 characters decoded per step: small enough to stay in cache before the copy out.
 _CHUNK_CHARS: Final = 1 << 20
 
@@ -104,14 +108,20 @@ def pool() -> BufferPool:
         return _pool
 
 
-def decoded_size(data: str) -> int | None:
+def _ends_with(data: Base64Text, tail: str) -> bool:
+    if isinstance(data, str):
+        return data.endswith(tail)
+    return len(data) >= len(tail) and data[-len(tail) :] == tail.encode()
+
+
+def decoded_size(data: Base64Text) -> int | None:
     """The exact decoded length of well-formed padded base64, or None if it cannot be."""
     if len(data) % 4:
         return None
-    return len(data) // 4 * 3 - (data.endswith("=") + data.endswith("=="))
+    return len(data) // 4 * 3 - (_ends_with(data, "=") + _ends_with(data, "=="))
 
 
-def decode_into_pool(data: str, nbytes: int) -> memoryview | None:
+def decode_into_pool(data: Base64Text, nbytes: int) -> memoryview | None:
     """Decode ASCII base64 ``data`` of decoded length ``nbytes`` into a buffer of its own:
     a new shared-memory segment (rows that cross processes as a handle), else a pooled one.
 

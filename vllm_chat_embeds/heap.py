@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import threading
 from collections.abc import Callable
 from typing import Final
@@ -37,6 +38,8 @@ _M_MMAP_THRESHOLD: Final = -3
 MMAP_ABOVE_BYTES: Final = 1024 * 1024
 # Free space an arena keeps at its top before handing it back.
 TRIM_ABOVE_BYTES: Final = 4 * 1024 * 1024
+# A huge page on x86-64 and most arm64 kernels: smaller mappings gain nothing from the advice.
+_HUGE_PAGE_BYTES: Final = 2 * 1024 * 1024
 
 BOUNDED: Final = (
     "vllm-chat-embeds: heap blocks of {mmap_mib} MiB or more go back to the system when freed "
@@ -79,3 +82,23 @@ def bound() -> bool:
         _bounded = True
     logger.info(BOUNDED.format(mmap_mib=MMAP_ABOVE_BYTES >> 20))
     return True
+
+
+def fresh_pages(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping of ``nbytes`` for a big body, backed by huge pages where the kernel
+    allows it (transparent huge pages ``always`` or ``madvise``).
+
+    Why: a body's pages are all written once, as it arrives. With 4 KiB pages that is one fault
+    per page: 9.6 ms of CPU for 22 MiB here, against 2.3 ms with 2 MiB pages. Pages are still
+    touched only as bytes arrive, so a declared length costs nothing until sent.
+    """
+    # Private: an anonymous mmap is shared by default, which is shmem (tmpfs pages, never
+    # huge unless the host's shmem_enabled says so, and dearer to fault in).
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and nbytes >= _HUGE_PAGE_BYTES:
+        try:
+            mapping.madvise(advice)
+        except OSError:  # no THP in this kernel: 4 KiB pages, as without the advice
+            pass
+    return mapping

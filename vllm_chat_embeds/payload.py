@@ -25,7 +25,7 @@ import pybase64
 import torch
 
 from . import errors
-from .decode_buffers import decode_into_pool, decoded_size, pooled_empty
+from .decode_buffers import Base64Text, decode_into_pool, decoded_size, pooled_empty
 from .errors import reject
 from .limits import ALL_ENCODINGS as ENCODINGS
 
@@ -59,7 +59,7 @@ class PayloadSpec:
 
 
 def _decode_base64(
-    data: str, where: str, spec: PayloadSpec, *, pooled: bool = False, writable: bool = True
+    data: Base64Text, where: str, spec: PayloadSpec, *, pooled: bool = False, writable: bool = True
 ) -> bytes | bytearray | memoryview:
     """Decode to a writable buffer, so raw and safetensors payloads are viewed without a copy.
 
@@ -74,7 +74,7 @@ def _decode_base64(
     exact = decoded_size(data) if pooled else None
     raw: bytes | bytearray | memoryview | None = None
     try:
-        if not data.isascii():
+        if isinstance(data, str) and not data.isascii():  # a view: pybase64 refuses it
             raise UnicodeEncodeError("ascii", data, 0, 1, "non-ASCII")
         if exact is not None:
             raw = decode_into_pool(data, exact)
@@ -251,7 +251,9 @@ def raw_layout(where: str, spec: PayloadSpec, dtype: object, shape: object) -> R
     return layout
 
 
-def _decode_raw(data: str, where: str, spec: PayloadSpec, dtype: object, shape: object) -> object:
+def _decode_raw(
+    data: Base64Text, where: str, spec: PayloadSpec, dtype: object, shape: object
+) -> object:
     layout = raw_layout(where, spec, dtype, shape)
     torch_dtype, rows, width, nbytes = layout.dtype, layout.rows, layout.width, layout.nbytes
     expected = 4 * ((nbytes + 2) // 3)  # padded base64 length, known before decoding
@@ -343,7 +345,7 @@ def check_safetensors_body(body: int, layout: RowsLayout, where: str) -> None:
         )
 
 
-def _decode_safetensors(data: str, where: str, spec: PayloadSpec) -> object:
+def _decode_safetensors(data: Base64Text, where: str, spec: PayloadSpec) -> object:
     buffer = _decode_base64(data, where, spec, pooled=True)
     header_len = safetensors_header_length(buffer, len(buffer), where)
     layout = safetensors_layout(bytes(buffer[8 : 8 + header_len]), where, spec)
@@ -366,7 +368,8 @@ def decode_payload(
     """Turn a part's payload into embeddings: a validated, contiguous tensor in the dtype its
     rows travel in (``carried_dtype``).
 
-    ``data`` is base64 text, or (offline, encoding ``torch``) a ``torch.Tensor`` itself.
+    ``data`` is base64 text (a ``str``, or a view of a lifted string's bytes), or (offline,
+    encoding ``torch``) a ``torch.Tensor`` itself.
     """
     encoding = "torch" if encoding is None else encoding
     if encoding not in ENCODINGS:
@@ -380,7 +383,7 @@ def decode_payload(
         return validate_tensor(data, where, spec)
     if data is None:
         reject(errors.DATA_MISSING, where=where)
-    if not isinstance(data, str):
+    if not isinstance(data, str | memoryview):  # a view: a lifted string (big_bodies)
         reject(errors.DATA_WRONG_TYPE, where=where, got=type(data).__name__)
     if not data:
         reject(errors.DATA_EMPTY, where=where)

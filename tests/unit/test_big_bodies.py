@@ -7,8 +7,11 @@ import asyncio
 import json
 
 import pytest
+import torch
 
 from vllm_chat_embeds.entrypoints import big_bodies
+from vllm_chat_embeds.errors import VLLMValidationError
+from vllm_chat_embeds.payload import PayloadSpec, decode_payload
 
 pytestmark = pytest.mark.unit
 
@@ -33,10 +36,11 @@ def test_lifts_part_data_and_nothing_else():
     tree = json.loads(small)
     parts = tree["messages"][0]["content"]
     assert parts[0]["text"] == "T" * 900  # a long text stays
-    assert len(strings) == 2 and set(strings.values()) == {BIG}
+    # Views of the body's own bytes (no string is made): the decoder reads them in place.
+    assert len(strings) == 2 and {bytes(v) for v in strings.values()} == {BIG.encode()}
     for part in parts[1:]:
         assert part["data"].startswith(big_bodies.HANDLE_PREFIX)
-        assert strings[part["data"]] == BIG
+        assert strings[part["data"]] == BIG.encode()
     assert len(small) < 900 + 300  # the text, and two handles in place of 1600 characters
 
 
@@ -53,12 +57,28 @@ def test_nothing_to_lift(obj):
     assert big_bodies.lift(_body(obj), 0) is None
 
 
-def test_escaped_and_non_ascii_strings_stay_for_json():
+def test_escaped_strings_stay_for_json():
     escaped = bytearray(json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode())
     escaped = escaped.replace(b"QUJD", b"QU\\/D", 1)
     assert big_bodies.lift(escaped, 0) is None
-    text = _body(_chat({"type": "prompt_embeds", "data": "é" * 400}))
-    assert big_bodies.lift(text, 0) is None
+
+
+def test_non_ascii_data_is_lifted_and_refused_by_the_decoder():
+    """Raw UTF-8 inside a lifted string is never base64: the part's 400, as for any bad text."""
+    body = bytearray(
+        b'{"messages": [{"role": "user", "content": [{"type": "prompt_embeds", '
+        + b'"encoding": "raw", "data": "'
+        + "é".encode() * 400
+        + b'"}]}]}'
+    )
+    lifted = big_bodies.lift(body, 0)
+    assert lifted is not None
+    (text,) = lifted[1].values()
+    spec = PayloadSpec(width=2, dtype=torch.float16, max_part_bytes=1 << 20, max_rows=4096,
+                       rows_limit=4096)  # fmt: skip
+    with pytest.raises(VLLMValidationError, match="not valid base64"):
+        decode_payload(text, "messages[0].content[0]", spec, encoding="raw", dtype="float16",
+                       shape=[150, 2])  # fmt: skip
 
 
 def test_not_json_goes_on_as_it_came():
@@ -99,7 +119,8 @@ def _run(body: bytes, *, path: str = "/v1/chat/completions", chunk: int = 100, h
             try:
                 tree = json.loads(seen["body"])
                 data = tree["messages"][0]["content"][0].get("data")
-                seen["resolved"] = big_bodies.resolve(data)
+                resolved = big_bodies.resolve(data)  # a view, released when the route returns
+                seen["resolved"] = bytes(resolved) if isinstance(resolved, memoryview) else resolved
             except (ValueError, KeyError, TypeError, IndexError):
                 pass
         seen["held_inside"] = big_bodies.held_count()
@@ -130,7 +151,7 @@ def test_middleware_hands_the_route_a_small_body_and_cleans_up():
     body = json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode()
     seen = _run(body)
     assert len(seen["body"]) < 200
-    assert seen["resolved"] == BIG
+    assert seen["resolved"] == BIG.encode()
     assert seen["held_inside"] == 1
     assert big_bodies.held_count() == 0
 

@@ -4,9 +4,15 @@ minimal loop"). ``cpu_per_request.py`` sends it the very bodies it sends vLLM an
 process's CPU time (``GET /cpu``: ``time.process_time()``, nanosecond clock, not 10 ms ticks).
 
 - ``POST /inline`` (a chat body with one part inline, raw-encoded): find the part's data
-  string, base64-decode it, check the rows are finite. No JSON parse, no render.
+  string, base64-decode it (``pybase64``, SIMD, the fastest decoder known; the standard
+  library's ``binascii`` takes 30 times as long), check the rows are finite. No JSON parse, no
+  render.
 - ``POST /upload`` (the rows' bytes): check them. The body lands in fresh pages (an anonymous
   mapping of its own), as rows that are kept need memory nothing else uses.
+
+Every body is read into fresh pages of its own, backed by huge pages where the kernel allows
+(``heap.fresh_pages``, as the plugin's API server reads a lifted chat body): the cheapest fresh
+memory known here (22 MiB: 2.3 ms against 9.6 ms of 4 KiB page faults).
 - ``POST /upload_reused``: the same into one buffer reused by every request (no page faults):
   the least any server could do, though it could keep nothing.
 - Any other path: read the body, do nothing.
@@ -20,15 +26,16 @@ alive; one thread.
 
 from __future__ import annotations
 
-import binascii
 import mmap
 import socket
 import sys
 import time
 import warnings
 
+import pybase64
 import torch
 
+from vllm_chat_embeds.heap import fresh_pages
 from vllm_chat_embeds.payload import _all_finite
 
 DATA_KEY = b'"data": "'
@@ -41,10 +48,12 @@ def check(rows: bytes | bytearray | memoryview) -> None:
             raise ValueError("non-finite rows")
 
 
-def work(path: bytes, body: bytearray | mmap.mmap | memoryview) -> bytes:
-    if path == b"/inline" and isinstance(body, bytearray):
-        start = body.index(DATA_KEY) + len(DATA_KEY)
-        check(binascii.a2b_base64(memoryview(body)[start : body.index(b'"', start)]))
+def work(path: bytes, body: mmap.mmap | memoryview) -> bytes:
+    if path == b"/inline" and isinstance(body, mmap.mmap):
+        start = body.find(DATA_KEY) + len(DATA_KEY)
+        text = memoryview(body)[start : body.find(b'"', start)]
+        check(pybase64.b64decode(text, validate=True))
+        text.release()
     elif path.startswith(b"/upload"):
         check(memoryview(body)[: len(body)])
     elif path == b"/cpu":
@@ -55,16 +64,14 @@ def work(path: bytes, body: bytearray | mmap.mmap | memoryview) -> bytes:
 _reused = bytearray()
 
 
-def body_buffer(path: bytes, length: int) -> bytearray | mmap.mmap | memoryview:
-    """Where a body is read to: fresh pages, one reused buffer, or a new bytearray."""
+def body_buffer(path: bytes, length: int) -> mmap.mmap | memoryview:
+    """Where a body is read to: fresh pages, or one reused buffer."""
     global _reused
-    if path == b"/upload":
-        return mmap.mmap(-1, max(length, 1))
     if path == b"/upload_reused":
         if len(_reused) < length:
             _reused = bytearray(length)
         return memoryview(_reused)[:length]
-    return bytearray(length)
+    return fresh_pages(length)
 
 
 def serve(port: int) -> None:

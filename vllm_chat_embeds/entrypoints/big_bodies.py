@@ -36,6 +36,7 @@ from typing import Any, Final
 from .. import heap
 from ..limits import Limits
 from ..log import logger
+from . import body_sink
 
 # The stateless routes whose JSON goes through our part parser. Not /v1/responses: vLLM
 # stores a response's input for later turns (previous_response_id), and a handle lives for one
@@ -204,7 +205,7 @@ class LiftBigParts:
         body = heap.fresh_pages(length)
         strings: dict[str, memoryview] = {}
         try:
-            first, strings = await self._read(body, length, receive)
+            first, strings = await self._read(scope, body, length, receive)
             if not strings:
                 _close(body)  # the route reads its own copy: the mapping can go now
             _held.update(strings)
@@ -219,15 +220,30 @@ class LiftBigParts:
             _close(body)
 
     async def _read(
-        self, body: mmap.mmap, length: int, receive: Receive
+        self, scope: Scope, body: mmap.mmap, length: int, receive: Receive
     ) -> tuple[Message, dict[str, memoryview]]:
         """The first message the route gets (the body as it came, or lifted), and the lifted
         texts by handle (views of ``body``)."""
+        # Under ``vllm serve`` the protocol writes the body into ``body`` itself; ``receive``
+        # then says when it is complete, or brings what did not fit.
+        attach = (scope.get("extensions") or {}).get(body_sink.SINK)
+        sink = attach(body) if attach is not None else None
+        try:
+            return await self._receive_into(body, length, receive, sink)
+        finally:
+            if sink is not None:
+                sink.close()
+
+    async def _receive_into(
+        self, body: mmap.mmap, length: int, receive: Receive, sink: body_sink.BodySink | None
+    ) -> tuple[Message, dict[str, memoryview]]:
         got = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client left: say so downstream
                 return message, {}
+            if sink is not None:
+                got = sink.got
             chunk = message.get("body", b"")
             if got + len(chunk) > length:  # more than declared: as it came, for vLLM to judge
                 return {**message, "body": body[:got] + chunk}, {}

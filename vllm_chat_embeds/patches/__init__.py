@@ -228,6 +228,12 @@ MANIFEST: Final = (
         attributes=("register_api_routers",),
         why="POST /v1/load_soft_prompt and /v1/unload_soft_prompt",
     ),
+    Patch(
+        name="entrypoints_launchers_api_server_entry",
+        target="vllm.entrypoints.launchers.api_server.entry",
+        attributes=("serve_http",),
+        why="big bodies: uvicorn writes a chat body straight into the buffer the app lends",
+    ),
 )
 
 _applied: set[str] = set()

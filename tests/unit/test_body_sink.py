@@ -53,9 +53,9 @@ class Inner:
 
 
 @contextmanager
-def serving(protocol: type | str) -> Iterator[tuple[int, Inner]]:
+def serving(protocol: type | str, wrap=lambda app: app) -> Iterator[tuple[int, Inner]]:
     inner = Inner()
-    app = big_bodies.LiftBigParts(inner, floor=1000, max_body=1 << 24)
+    app = wrap(big_bodies.LiftBigParts(inner, floor=1000, max_body=1 << 24))
     config = uvicorn.Config(app, host="127.0.0.1", port=0, http=protocol, lifespan="off",
                             log_level="warning")  # fmt: skip
     server = uvicorn.Server(config)
@@ -138,3 +138,26 @@ def test_uvicorn_own_protocol_gives_the_same_result():
     seen = inner.seen[-1]
     assert not seen["sink_offered"]
     assert seen["data"] == BIG.encode() and seen["small"] < 300
+
+
+def test_a_wrapped_receive_gets_no_sink():
+    """A middleware between uvicorn and the app that wraps ``receive`` must see the body."""
+    seen: dict = {}
+
+    class Wrapping:
+        def __init__(self, app) -> None:
+            self.app = app
+
+        async def __call__(self, scope, receive, send) -> None:
+            async def wrapped():
+                message = await receive()
+                seen["bytes"] = seen.get("bytes", 0) + len(message.get("body", b""))
+                return message
+
+            await self.app(scope, wrapped, send)
+
+    body = _chat_body()
+    with serving(body_sink.protocol_class(), Wrapping) as (port, inner):
+        assert _post(port, body, 7) == 200
+    assert seen["bytes"] == len(body)
+    assert inner.seen[-1]["data"] == BIG.encode()

@@ -227,7 +227,7 @@ class LiftBigParts:
         # Under ``vllm serve`` the protocol writes the body into ``body`` itself; ``receive``
         # then says when it is complete, or brings what did not fit.
         attach = (scope.get("extensions") or {}).get(body_sink.SINK)
-        sink = attach(body) if attach is not None else None
+        sink = attach(body, receive) if attach is not None else None
         try:
             return await self._receive_into(body, length, receive, sink)
         finally:

@@ -9,9 +9,12 @@ Here the app may lend a buffer for the rest of a request's body (``BodySink``); 
 then copies each parsed piece into it, and ``receive`` says only when the body is complete.
 
 How an app finds it: each request's ASGI scope carries ``scope["extensions"][SINK]``, a
-callable that takes a writable buffer and returns the ``BodySink`` now filling it (None when
-the bytes already queued do not fit). Without this protocol (h11, another server, tests) the
-key is absent and the app reads ``receive`` as usual. A body longer than the buffer leaves the
+callable that takes a writable buffer and the ``receive`` the app was handed, and returns the
+``BodySink`` now filling it. It returns None when the bytes already queued do not fit, or when
+that ``receive`` is not uvicorn's own: a middleware in between that wraps it (a decompressing
+one, say, given with ``--middleware``) must see the body, so it goes its ordinary way. Without
+this protocol (h11, another server, tests) the key is absent and the app reads ``receive`` as
+usual. A body longer than the buffer leaves the
 sink at that point and goes on through ``receive`` as uvicorn's own pieces, so the app sees the
 overflow exactly as it would have.
 
@@ -61,7 +64,9 @@ class BodySink:
 
 
 def _attach(cycle: Any) -> Any:
-    def attach(buffer: Any) -> BodySink | None:
+    def attach(buffer: Any, receive: Any) -> BodySink | None:
+        if getattr(receive, "__self__", None) is not cycle:  # wrapped on its way to the app
+            return None
         queued = getattr(cycle, "body", None)
         if not isinstance(queued, bytearray):  # not the uvicorn this was written for
             return None

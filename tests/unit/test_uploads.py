@@ -275,3 +275,53 @@ def test_client_constants_are_the_servers() -> None:
     from vllm_chat_embeds import client
 
     assert client.ROWS_ID_PREFIX == uploads.UPLOAD_ID_PREFIX
+
+
+class _ServerSink:
+    """What ``entrypoints/body_sink`` lends: the server writes up to the view's length."""
+
+    def __init__(self, view: memoryview, body: bytes) -> None:
+        self.got = min(len(view), len(body))
+        view[: self.got] = body[: self.got]
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("kind", ["raw", "safetensors"])
+@pytest.mark.parametrize("extra", [0, 5])
+def test_rows_written_by_the_server_into_a_lent_buffer(kind, extra):
+    """The rows' buffer lent to the server: its bytes, then what did not fit as chunks (a
+    body longer than declared is refused, as without the sink)."""
+    rows = torch.randn(3, WIDTH)
+    body = tensor_file(rows) if kind == "safetensors" else rows.numpy().tobytes()
+    body += b"\0" * extra
+    header = 0 if kind == "raw" else 8 + int.from_bytes(body[:8], "little")
+    sinks: list[_ServerSink] = []
+
+    def lend(view: memoryview) -> _ServerSink:
+        sinks.append(_ServerSink(view, body[header:]))
+        return sinks[-1]
+
+    async def rest() -> AsyncIterator[bytes]:  # the header as chunks, then what overflowed
+        yield body[:header]
+        yield body[header + sinks[0].got :] if sinks else body[header:]
+        yield b""
+
+    async def run():
+        return (
+            await uploads.receive_rows(
+                rest(), kind, SPEC, WHERE, dtype="float32", shape=[3, WIDTH], lend=lend
+            )
+            if kind == "raw"
+            else await uploads.receive_rows(rest(), kind, SPEC, WHERE, lend=lend)
+        )
+
+    if extra:
+        with pytest.raises(VLLMValidationError):
+            asyncio.run(run())
+    else:
+        got, nbytes = asyncio.run(run())
+        assert torch.equal(got, rows) and nbytes == len(body)
+    assert len(sinks) == 1 and sinks[0].closed and sinks[0].got == 3 * WIDTH * 4

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import torch
 
@@ -76,13 +76,24 @@ def _bytes_of(rows: torch.Tensor) -> memoryview:
     return memoryview(rows.view(-1).view(torch.uint8).numpy())
 
 
+# Lends a buffer to the HTTP server for the rest of a body, which the server then writes into
+# as it arrives (``entrypoints/body_sink.py``): returns the sink filling it, or None.
+Lend = Callable[[memoryview], Any]
+
+
 class BodyReader:
     """Reads an async stream of byte chunks exactly: a few bytes at a time (headers), or
-    straight into a buffer (the rows), never holding more than one chunk of its own."""
+    straight into a buffer (the rows), never holding more than one chunk of its own.
 
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+    With ``lend``, the rows' buffer (``readinto(..., lent=True)``) is lent to the server once
+    nothing is pending, and the server writes the body into it itself (no chunk queued,
+    copied and handed over for it); whatever does not fit then arrives as chunks, as without.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], lend: Lend | None = None) -> None:
         self._chunks = chunks
         self._pending = memoryview(b"")
+        self._lend = lend
         self.received = 0
 
     async def _refill(self) -> bool:
@@ -95,15 +106,35 @@ class BodyReader:
             self.received += len(chunk)
         return True
 
-    async def readinto(self, view: memoryview) -> int:
-        """Fill ``view``; fewer bytes only at the end of the stream."""
+    async def readinto(self, view: memoryview, *, lent: bool = False) -> int:
+        """Fill ``view``; fewer bytes only at the end of the stream. ``lent``: the server may
+        write into ``view`` itself (the rows: the rest of the body is meant for them)."""
         filled = 0
-        while filled < len(view) and await self._refill():
+        while filled < len(view):
+            if lent and not self._pending and self._lend is not None:
+                filled += await self._sunk(view[filled:])
+                continue
+            if not await self._refill():
+                break
             take = self._pending[: len(view) - filled]
             view[filled : filled + len(take)] = take
             filled += len(take)
             self._pending = self._pending[len(take) :]
         return filled
+
+    async def _sunk(self, view: memoryview) -> int:
+        """How many bytes the server wrote straight into ``view`` (lent once per body)."""
+        lend, self._lend = self._lend, None
+        sink = lend(view) if lend is not None else None
+        if sink is None:
+            return 0
+        try:
+            await self._refill()  # back at the body's end, or with what did not fit
+        finally:
+            got = int(sink.got)
+            sink.close()
+        self.received += got
+        return got
 
     async def read(self, n: int) -> bytes:
         out = bytearray(n)
@@ -143,7 +174,7 @@ async def _receive_raw(
         wrong_length(size)
     _check_room(layout.nbytes, where)
     rows = allocate_rows(layout)
-    filled = await reader.readinto(_bytes_of(rows))
+    filled = await reader.readinto(_bytes_of(rows), lent=True)
     if filled == 0:
         reject(errors.DATA_EMPTY, where=where)
     extra = await reader.skip(spec.max_part_bytes)
@@ -178,7 +209,7 @@ async def _receive_safetensors(
         check_safetensors_body(size - 8 - header_len, layout, where)
     _check_room(layout.nbytes, where)
     rows = allocate_rows(layout)
-    filled = await reader.readinto(_bytes_of(rows))
+    filled = await reader.readinto(_bytes_of(rows), lent=True)
     extra = await reader.skip(spec.max_part_bytes)
     check_safetensors_body(filled + extra, layout, where)
     return rows, total
@@ -202,14 +233,15 @@ async def receive_rows(
     size: int | None = None,
     dtype: object = None,
     shape: object = None,
+    lend: Lend | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Read a body of rows (``raw`` with ``dtype`` and ``shape``, or one ``safetensors``
     tensor) into one tensor; return it (not yet validated) and the body's size in bytes.
 
     ``size`` is the body's declared length, when known: a wrong one is refused before any
-    rows are read.
+    rows are read. ``lend``: see ``BodyReader``.
     """
-    reader = BodyReader(chunks)
+    reader = BodyReader(chunks, lend)
     if kind == "safetensors" and (dtype is not None or shape is not None):
         reject(errors.RAW_ONLY_FIELDS, where=where)
     if kind == "raw":

@@ -23,11 +23,11 @@ rows of one-token words, after ``"Repeat:"``):
 
 The floor (``floor_server.py``): a minimal HTTP loop in its own process, sent the very same
 bodies, whose own CPU time per request is read the same way (its clock, not ticks): it reads
-the body off the socket into fresh memory and, for an inline part, finds the part's data
-string in the raw-encoded body, base64-decodes it and checks the rows are finite (the
-plugin's one-reduction check, the cheapest known); for an upload, it checks the bytes as sent.
-No JSON parse, no render, no digest, no engine. The ratio is the API server's CPU per request
-over that floor.
+the body off the socket into fresh memory (huge pages) and, for an inline part, finds the
+part's data string in the raw-encoded body, base64-decodes it (``pybase64``) and checks the
+rows are finite (the plugin's one-reduction check, the cheapest known); for an upload, it
+checks the bytes as sent. No JSON parse, no render, no digest, no shared memory, no engine.
+The ratio is the API server's CPU per request over that floor.
 
     .venv/bin/python benchmarks/cpu_per_request.py [--quick] [--runs N] [--rows N ...]
 

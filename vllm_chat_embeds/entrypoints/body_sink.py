@@ -14,14 +14,14 @@ callable that takes a writable buffer and the ``receive`` the app was handed, an
 that ``receive`` is not uvicorn's own: a middleware in between that wraps it (a decompressing
 one, say, given with ``--middleware``) must see the body, so it goes its ordinary way. Without
 this protocol (h11, another server, tests) the key is absent and the app reads ``receive`` as
-usual. A body longer than the buffer leaves the
-sink at that point and goes on through ``receive`` as uvicorn's own pieces, so the app sees the
-overflow exactly as it would have.
+usual. A body longer than the buffer leaves the sink at that point and goes on through
+``receive`` as uvicorn's own pieces, so the app sees the overflow exactly as it would have.
 
 What it relies on in uvicorn (checked by ``protocol_class`` at startup; a uvicorn without them
 gets its own protocol and a warning, so bodies take the ordinary path): the protocol's
-``on_headers_complete`` and ``on_body``, and the request cycle's ``body`` (a ``bytearray``
-of what is queued; a sink is refused without it), ``scope`` and ``response_complete``.
+``on_headers_complete`` and ``on_body``, the request cycle's ``receive`` method, and its
+``body`` (a ``bytearray`` of what is queued; a sink is refused without it), ``scope`` and
+``response_complete``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def protocol_class() -> type | None:
         for owner, name in (
             (HttpToolsProtocol, "on_headers_complete"),
             (HttpToolsProtocol, "on_body"),
-            (RequestResponseCycle, "__init__"),
+            (RequestResponseCycle, "receive"),
         )
         if not callable(getattr(owner, name, None))
     ]

@@ -18,6 +18,7 @@ import pytest
 import requests
 from chat_cases import CASES, as_text, render
 
+from vllm_chat_embeds.entrypoints import body_sink
 from vllm_chat_embeds.entrypoints.big_bodies import HANDLE_PREFIX
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +43,7 @@ def answer(response: requests.Response) -> str:
 
 def test_startup_log_names_the_lifting(plugin_server):
     assert "skips the JSON parser of /tokenize, /v1/chat/completions" in plugin_server.log()
+    assert body_sink.SINKING in plugin_server.log()  # the launcher runs the sinking protocol
 
 
 @pytest.mark.parametrize("name", SHAPES)

@@ -33,6 +33,10 @@ from ..log import logger
 SINK: Final = "vllm_chat_embeds.body_sink"
 _CYCLE_ATTRIBUTE: Final = "_vllm_chat_embeds_sink"
 
+SINKING: Final = (
+    "vllm-chat-embeds: big request bodies are written straight into the buffers their routes "
+    "lend (uvicorn's httptools protocol with body sinks)"
+)
 NO_SINK: Final = (
     "vllm-chat-embeds: request bodies take uvicorn's ordinary path ({reason}); big chat bodies "
     "then cost the API server two more copies"

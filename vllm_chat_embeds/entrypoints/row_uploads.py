@@ -166,7 +166,6 @@ def _lender(request: Request) -> uploads.Lend | None:
     """Lends the rows' buffer to the HTTP server, which writes the body into it
     (``body_sink``); None where the server offers no sink."""
     attach = (request.scope.get("extensions") or {}).get(body_sink.SINK)
-    open("/tmp/prof/sinkdbg", "a").write(f"attach {attach is not None} {request.receive!r}\n")
     if attach is None:
         return None
     return lambda view: attach(view, request.receive)

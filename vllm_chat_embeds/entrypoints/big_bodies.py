@@ -226,8 +226,7 @@ class LiftBigParts:
         texts by handle (views of ``body``)."""
         # Under ``vllm serve`` the protocol writes the body into ``body`` itself; ``receive``
         # then says when it is complete, or brings what did not fit.
-        attach = (scope.get("extensions") or {}).get(body_sink.SINK)
-        sink = attach(body, receive) if attach is not None else None
+        sink = body_sink.attach(scope, body, receive)
         try:
             return await self._receive_into(body, length, receive, sink)
         finally:

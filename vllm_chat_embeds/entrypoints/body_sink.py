@@ -67,6 +67,13 @@ class BodySink:
         self.view.release()
 
 
+def attach(scope: Any, buffer: Any, receive: Any) -> BodySink | None:
+    """The sink now filling ``buffer`` with the rest of this request's body, or None (no sink
+    offered, a wrapped ``receive``, or more already queued than fits)."""
+    offer = (scope.get("extensions") or {}).get(SINK)
+    return offer(buffer, receive) if offer is not None else None
+
+
 def _attach(cycle: Any) -> Any:
     def attach(buffer: Any, receive: Any) -> BodySink | None:
         if getattr(receive, "__self__", None) is not cycle:  # wrapped on its way to the app

@@ -13,6 +13,7 @@ path). Attached by the ``entrypoints_launchers_app`` patch, as the soft prompt r
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any, Final
@@ -155,20 +156,11 @@ async def upload_prompt_embeds(request: Request) -> JSONResponse:
             purpose=UPLOAD_PURPOSE,
             dtype=dtype,
             shape=shape,
-            lend=_lender(request),
+            lend=functools.partial(body_sink.attach, request.scope, receive=request.receive),
         )
     except VLLMValidationError as exc:
         return _refused(exc, "body")
     return _uploaded(upload, rows)
-
-
-def _lender(request: Request) -> uploads.Lend | None:
-    """Lends the rows' buffer to the HTTP server, which writes the body into it
-    (``body_sink``); None where the server offers no sink."""
-    attach = (request.scope.get("extensions") or {}).get(body_sink.SINK)
-    if attach is None:
-        return None
-    return lambda view: attach(view, request.receive)
 
 
 def _uploaded(upload: Upload, rows: Any, **more: Any) -> JSONResponse:

@@ -22,6 +22,7 @@ ENV_REFERENCE_BYTES: Final = "CHAT_EMBEDS_REFERENCE_BYTES"
 ENV_SHM_BYTES: Final = "CHAT_EMBEDS_SHM_BYTES"
 ENV_SHARED_ABOVE_BYTES: Final = "CHAT_EMBEDS_SHARED_ABOVE_BYTES"
 ENV_SHM_DIR: Final = "CHAT_EMBEDS_SHM_DIR"
+ENV_SHM_REUSE_BYTES: Final = "CHAT_EMBEDS_SHM_REUSE_BYTES"
 ENV_LIFT_ABOVE_BYTES: Final = "CHAT_EMBEDS_LIFT_ABOVE_BYTES"
 ENV_SHARED_STORE: Final = "CHAT_EMBEDS_SHARED_STORE"
 ENV_SHARED_STORE_TIMEOUT: Final = "CHAT_EMBEDS_SHARED_STORE_TIMEOUT"
@@ -41,6 +42,10 @@ DEFAULT_REFERENCE_BYTES: Final = 512 * 1024 * 1024
 # below it a socket copy costs less than a segment's system calls.
 DEFAULT_SHARED_ABOVE_BYTES: Final = 1024 * 1024
 DEFAULT_SHM_DIR: Final = "/dev/shm"
+# Segments whose rows are gone, kept (mapped, pages in place) for the next rows of about their
+# size, up to this many bytes per process: a new 16 MiB segment costs 4-6 ms of page
+# allocation, a kept one nothing (transport/shared_rows.py).
+DEFAULT_SHM_REUSE_BYTES: Final = 64 * 1024 * 1024
 # Part data strings this long or longer skip FastAPI's JSON parser (entrypoints/big_bodies.py).
 DEFAULT_LIFT_ABOVE_BYTES: Final = 1024 * 1024
 
@@ -92,6 +97,7 @@ class Limits:
     shm_bytes: int | None = None
     shared_above_bytes: int = DEFAULT_SHARED_ABOVE_BYTES
     shm_dir: str = DEFAULT_SHM_DIR
+    shm_reuse_bytes: int = DEFAULT_SHM_REUSE_BYTES  # segments kept for reuse; 0: none
     lift_above_bytes: int = DEFAULT_LIFT_ABOVE_BYTES
     shared_store: str = ""  # a redis:// URL: rows by uuid and uploads shared by every replica
     shared_store_timeout_s: float = DEFAULT_SHARED_STORE_TIMEOUT_S
@@ -123,6 +129,7 @@ class Limits:
                 ENV_SHARED_ABOVE_BYTES, DEFAULT_SHARED_ABOVE_BYTES, minimum=0
             ),
             shm_dir=os.environ.get(ENV_SHM_DIR, "").strip() or DEFAULT_SHM_DIR,
+            shm_reuse_bytes=_int_env(ENV_SHM_REUSE_BYTES, DEFAULT_SHM_REUSE_BYTES, minimum=0),
             lift_above_bytes=_int_env(ENV_LIFT_ABOVE_BYTES, DEFAULT_LIFT_ABOVE_BYTES, minimum=0),
             shared_store=_store_url_env(),
             shared_store_timeout_s=_seconds_env(

@@ -24,7 +24,7 @@ from chat_cases import CASES, as_text, render
 from conftest import SHM
 
 from vllm_chat_embeds.client import upload_rows
-from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX
+from vllm_chat_embeds.transport.shared_rows import KEPT_SUFFIX, NAME_PREFIX
 
 pytestmark = pytest.mark.e2e
 
@@ -39,10 +39,12 @@ def ask(server, messages, **extra) -> str:
     return response.json()["choices"][0]["message"]["content"]
 
 
-def server_names(server) -> list[str]:
-    """Names in /dev/shm made by the server's API server process (its pid is in them)."""
+def server_names(server, *, kept: bool = False) -> list[str]:
+    """Names in /dev/shm made by the server's API server process (its pid is in them): those
+    rows lie in, or (``kept``) those kept for reuse."""
     mine = re.compile(rf"{NAME_PREFIX}[0-9a-f]+-{server.proc.pid}-")
-    return sorted(p.name for p in SHM.iterdir() if mine.match(p.name))
+    found = [p.name for p in SHM.iterdir() if mine.match(p.name)]
+    return sorted(n for n in found if n.endswith(KEPT_SUFFIX) == kept)
 
 
 def links(server) -> list[str]:
@@ -130,3 +132,28 @@ def test_aborted_and_refused_requests_leave_no_segment(plugin_server, table, tex
     assert ask(plugin_server, messages) == texts["interleaved"]  # still serving, right answers
     assert settled(plugin_server, len(before)) == before
     assert links(plugin_server) == []
+
+
+def segment_numbers(server) -> set[int]:
+    """The numbers of the server's segments, live or kept (not its links)."""
+    found = server_names(server) + server_names(server, kept=True)
+    bases = [n.removesuffix(KEPT_SUFFIX) for n in found if not re.search(r"-l\d+-\d+$", n)]
+    return {int(n.rsplit("-", 1)[1]) for n in bases}
+
+
+def test_the_next_parts_of_a_size_reuse_kept_segments(plugin_server, table, texts):
+    """Once the engine core and the workers have let a request's rows go, the API server
+    writes the next rows of that size into the same segment (no new pages). A worker lets a
+    finished request go at its next step, so back-to-back requests may take turns between
+    two segments; never more."""
+    messages = render(CASES["only_embeds"], table.part)
+    assert ask(plugin_server, messages) == texts["only_embeds"]
+    deadline = time.monotonic() + 20
+    while not server_names(plugin_server, kept=True) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server_names(plugin_server, kept=True), "the rows' segment was not kept"
+    before = max(segment_numbers(plugin_server))
+    for _ in range(4):
+        assert ask(plugin_server, messages) == texts["only_embeds"]
+        time.sleep(0.3)
+    assert len({n for n in segment_numbers(plugin_server) if n > before}) <= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -14,6 +15,7 @@ from vllm_chat_embeds.decode_buffers import POOL_ABOVE_BYTES, BufferPool, decode
 from vllm_chat_embeds.limits import ENV_DECODE_POOL_BYTES, Limits
 from vllm_chat_embeds.payload import PayloadSpec, decode_payload
 from vllm_chat_embeds.renderers.splice import build_embeds_input
+from vllm_chat_embeds.transport import shared_rows
 
 pytestmark = pytest.mark.unit
 
@@ -26,9 +28,12 @@ SPEC = PayloadSpec(
 
 
 @pytest.fixture(autouse=True)
-def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> BufferPool:
+def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[BufferPool]:
+    """A pool of its own, with shared memory off (rows would go to segments first)."""
     monkeypatch.setattr(decode_buffers, "_pool", BufferPool(4 * POOL_ABOVE_BYTES))
-    return decode_buffers.pool()
+    shared_rows.configure(Limits(shm_bytes=0))
+    yield decode_buffers.pool()
+    shared_rows.configure(Limits())
 
 
 def payload(seed: int, rows: int = ROWS) -> tuple[torch.Tensor, str]:

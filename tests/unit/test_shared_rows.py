@@ -7,11 +7,13 @@ one, else a plain directory: the calls are the same), so names are counted exact
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +24,7 @@ from vllm_chat_embeds.limits import Limits
 from vllm_chat_embeds.patches import v1_engine_core, v1_executor_multiproc_executor
 from vllm_chat_embeds.stores import engine_rows
 from vllm_chat_embeds.transport import shared_rows
-from vllm_chat_embeds.transport.shared_rows import NAME_PREFIX, NO_SHARED_MEMORY
+from vllm_chat_embeds.transport.shared_rows import KEPT_SUFFIX, NAME_PREFIX, NO_SHARED_MEMORY
 
 pytestmark = pytest.mark.unit
 MIB = 1024 * 1024
@@ -34,11 +36,28 @@ def names(directory: Path) -> list[str]:
 
 @pytest.fixture
 def shm(tmp_path: Path):
-    """This process's shared rows, in ``tmp_path``, for rows of any size."""
-    store = shared_rows.configure(Limits(shm_dir=str(tmp_path), shared_above_bytes=0))
+    """This process's shared rows, in ``tmp_path``, for rows of any size, none kept for reuse
+    (so a name goes with its rows: the tests of reuse say so)."""
+    limits = Limits(shm_dir=str(tmp_path), shared_above_bytes=0, shm_reuse_bytes=0)
+    store = shared_rows.configure(limits)
     yield store
     gc.collect()
     shared_rows.configure(Limits())
+
+
+@pytest.fixture
+def reusing(tmp_path: Path):
+    """As ``shm``, keeping up to 4 MiB of segments for reuse."""
+    limits = Limits(shm_dir=str(tmp_path), shared_above_bytes=0, shm_reuse_bytes=4 * MIB)
+    store = shared_rows.configure(limits)
+    yield store
+    gc.collect()
+    store.drop_kept()
+    shared_rows.configure(Limits())
+
+
+def kept(directory: Path) -> list[str]:
+    return [n for n in names(directory) if n.endswith(KEPT_SUFFIX)]
 
 
 def test_rows_cross_as_a_link_that_the_receiver_removes(shm, tmp_path: Path) -> None:
@@ -111,6 +130,96 @@ def test_an_abort_frees_rows_that_only_a_dead_tracebacks_cycle_holds(shm, tmp_pa
     finally:
         gc.enable()
     assert names(tmp_path) == []
+
+
+def test_a_segment_whose_rows_are_gone_is_kept_and_reused_for_rows_of_about_its_size(
+    reusing, tmp_path: Path
+) -> None:
+    rows = shared_rows.empty((64, 64), torch.float32)  # 16 KiB
+    assert rows is not None
+    rows.fill_(1.0)
+    (name,) = names(tmp_path)
+    view = rows[3:5].numpy()  # a view made from the rows keeps the segment lent
+    del rows
+    gc.collect()
+    assert kept(tmp_path) == []
+    del view
+    gc.collect()
+    assert kept(tmp_path) == [name + KEPT_SUFFIX]  # kept, under a name that says so
+    assert reusing.made_bytes() == 0  # no rows lie in it
+    again = shared_rows.empty((60, 64), torch.float32)  # 15 KiB: fills enough of it
+    assert again is not None
+    assert names(tmp_path) == [name]  # the same segment, its pages in place
+    again.fill_(2.0)
+    wire = reusing.send(again)
+    assert wire is not None and wire[0].startswith(name + "-l")
+    got = reusing.receive(wire, "r1", keep_link=False)
+    assert torch.equal(got, torch.full((60, 64), 2.0))
+    small = shared_rows.empty((8, 64), torch.float32)  # 2 KiB: a segment of its own
+    assert small is not None and len(names(tmp_path)) == 2
+    del again, got, small
+    gc.collect()
+    assert len(kept(tmp_path)) == 2
+
+
+def test_a_kept_segment_is_not_reused_while_another_process_may_read_it(
+    reusing, tmp_path: Path
+) -> None:
+    """A link not yet opened, then a mapping (its shared lock), each keep the segment from
+    being written again; once both are gone, it is reused."""
+    rows = shared_rows.empty((16, 16), torch.float32)
+    assert rows is not None
+    rows.fill_(7.0)
+    (name,) = names(tmp_path)
+    wire = reusing.send(rows)
+    assert wire is not None
+    del rows
+    gc.collect()
+    assert kept(tmp_path) == [name + KEPT_SUFFIX]
+    other = shared_rows.empty((16, 16), torch.float32)  # a link is pending: a new segment
+    assert other is not None and name + KEPT_SUFFIX in names(tmp_path)
+    mapped = reusing.receive(wire, "r1", keep_link=False)  # the link goes, the lock stays
+    del other
+    gc.collect()
+    third = shared_rows.empty((16, 16), torch.float32)  # reuses ``other``'s segment, not ours
+    assert third is not None and kept(tmp_path) == [name + KEPT_SUFFIX]
+    third.fill_(0.0)
+    assert torch.equal(mapped, torch.full((16, 16), 7.0))  # the reader's rows are intact
+    del mapped
+    gc.collect()
+    fourth = shared_rows.empty((16, 16), torch.float32)
+    assert fourth is not None and kept(tmp_path) == [] and name in names(tmp_path)
+
+
+def test_kept_segments_are_bounded_expire_and_give_way_to_new_rows(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(shared_rows, "REUSE_IDLE_S", 1.5)
+    limits = Limits(shm_dir=str(tmp_path), shared_above_bytes=0, shm_bytes=MIB)
+    store = shared_rows.configure(dataclasses.replace(limits, shm_reuse_bytes=MIB // 2))
+    try:
+        held = [store.allocate(MIB // 4) for _ in range(3)]
+        assert all(v is not None for v in held) and len(names(tmp_path)) == 3
+        del held
+        gc.collect()
+        assert len(kept(tmp_path)) == 2  # the bound: the oldest went
+        big = store.allocate(MIB * 3 // 4)  # no room beside both: the older gives way
+        assert big is not None and len(names(tmp_path)) == 2
+        (waiting,) = kept(tmp_path)
+        del big
+        gc.collect()
+        assert names(tmp_path) == [waiting]  # bigger than the bound: not kept
+        again = store.allocate(MIB // 4)
+        assert again is not None and kept(tmp_path) == []
+        del again
+        gc.collect()
+        assert len(kept(tmp_path)) == 1
+        time.sleep(2.5)  # idle past REUSE_IDLE_S: the timer lets it go
+        assert names(tmp_path) == []
+    finally:
+        gc.collect()
+        store.drop_kept()
+        shared_rows.configure(Limits())
 
 
 def test_rows_not_in_a_segment_are_sent_as_bytes(shm) -> None:
@@ -188,7 +297,7 @@ def test_a_full_tmpfs_falls_back_instead_of_crashing(tmp_path: Path) -> None:
         pytest.skip("cannot mount a tmpfs here")
     try:
         store = shared_rows.configure(
-            Limits(shm_dir=str(small), shared_above_bytes=0, shm_bytes=64 * MIB)
+            Limits(shm_dir=str(small), shared_above_bytes=0, shm_bytes=64 * MIB, shm_reuse_bytes=0)
         )
         held = store.allocate(3 * MIB)
         assert held is not None

@@ -17,8 +17,16 @@ Who owns what (the lifetimes):
 - **Creator** (the process that decodes, uploads or joins rows: an API server, or the ``LLM``
   process) makes a segment per tensor (``allocate``), a file in ``CHAT_EMBEDS_SHM_DIR``
   (``/dev/shm``) named ``vce-rows-<host>-<pid>-<n>``, reserved with ``posix_fallocate`` (a full
-  tmpfs then fails here, not with a SIGBUS later). It unlinks the name once its own tensors
-  over it are gone.
+  tmpfs then fails here, not with a SIGBUS later). Once its own tensors over a segment are
+  gone, it keeps the segment, still mapped, for the next rows of about its size (up to
+  ``CHAT_EMBEDS_SHM_REUSE_BYTES``, for ``REUSE_IDLE_S`` at most; its name then ends in
+  ``-kept``), and unlinks the name after that.
+- **Reuse**: a tmpfs page is allocated and zeroed when a segment is made and freed with its
+  last mapping, so a new 16 MiB segment costs 4-6 ms of CPU and a kept one, its pages in place,
+  nothing. A kept segment is reused only when no other process can still read it: every
+  receiver holds a shared ``flock`` on it while it is mapped, and each link counts in the
+  file's link count until removed, so the creator reuses a segment only when an exclusive
+  ``flock`` is granted and the name is the file's only link.
 - **A send** (``send``) makes a hard link of the segment for that send alone, and the wire
   carries the link's name. The receiver opens and maps it, then removes the link
   (``receive``); a receiver that passes the rows on (the engine core to its workers) keeps
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import fcntl
 import gc
 import itertools
 import mmap
@@ -63,12 +72,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import numpy
 import torch
 
 from ..limits import Limits
 from ..log import logger
 
 NAME_PREFIX: Final = "vce-rows-"
+# A kept segment's name ends so while it waits for new rows (see "Reuse" above).
+KEPT_SUFFIX: Final = "-kept"
 # The wire's form of a handle: [link name, byte offset, dtype, rows, width].
 Wire = list[Any]
 # The creator maps its new segment's pages at once: one call, not a write fault per page as
@@ -79,6 +91,10 @@ _POPULATE: Final = getattr(mmap, "MAP_POPULATE", 0)
 _MADV_POPULATE_WRITE: Final = 23 if sys.platform == "linux" else None
 # How much of the directory's free space one process may use when no budget is set.
 _AUTO_SHARE: Final = 0.5
+# A kept segment serves rows that fill at least this share of it (the rest idles meanwhile).
+_REUSE_FILL: Final = 0.75
+# How long a kept segment waits for new rows before its name and pages go.
+REUSE_IDLE_S: Final = 30.0
 NO_SHARED_MEMORY: Final = (
     "vllm-chat-embeds: rows of {size_mib:.0f} MiB cross processes as copies, not through "
     "shared memory: {reason}. To give them shared memory, run the container with a larger "
@@ -116,6 +132,17 @@ class _Mapped:
     name: str  # the creator's name, or the link a receiver keeps for its own receivers
 
 
+@dataclass(eq=False)
+class _Made:
+    """A segment this process made, with its own writable mapping (kept while it waits)."""
+
+    name: str
+    size: int
+    mapping: mmap.mmap
+    base: int
+    idle_since: float = 0.0  # when its last rows went (meaningful while kept)
+
+
 class _SharedRows:
     """This process's segments: those it made and those it mapped, by address."""
 
@@ -123,9 +150,12 @@ class _SharedRows:
         self.limits = limits
         self.dir = Path(limits.shm_dir)
         self.tag = _host_tag()
-        self._lock = threading.Lock()
+        # Reentrant: a finalizer below may run when a last reference drops inside a locked block.
+        self._lock = threading.RLock()
         self._mapped: dict[int, _Mapped] = {}  # base address -> mapping
-        self._made: dict[str, int] = {}  # names this process made -> bytes
+        self._made: dict[str, int] = {}  # names this process made (kept ones too) -> bytes
+        self._kept: list[_Made] = []  # segments whose rows are gone, oldest first
+        self._expiry: threading.Timer | None = None
         self._links = itertools.count()
         self._said_no = False
         self._said_sending = False
@@ -152,8 +182,9 @@ class _SharedRows:
         return int(stat.f_bavail * stat.f_frsize * _AUTO_SHARE)
 
     def made_bytes(self) -> int:
+        """Bytes of segments this process made that rows still lie in (kept ones excluded)."""
         with self._lock:
-            return sum(self._made.values())
+            return sum(self._made.values()) - sum(kept.size for kept in self._kept)
 
     def _say_no(self, nbytes: int, reason: str) -> None:
         if not self._said_no:
@@ -161,13 +192,20 @@ class _SharedRows:
             logger.warning(NO_SHARED_MEMORY.format(size_mib=nbytes / 2**20, reason=reason))
 
     def allocate(self, nbytes: int) -> memoryview | None:
-        """A writable view of ``nbytes`` bytes in a new segment; None: use private memory."""
+        """A writable view of ``nbytes`` bytes in a segment of its own (a kept one when one
+        fits and is free, else a new one); None: use private memory."""
         if nbytes < max(self.limits.shared_above_bytes, 1):
             return None
         if not self.budget:
             self._say_no(nbytes, f"{self.dir} is not writable, or CHAT_EMBEDS_SHM_BYTES is 0")
             return None
         with self._lock:
+            self._expire(time.monotonic() - REUSE_IDLE_S)
+            kept = self._take_kept(nbytes)
+            if kept is not None:
+                return self._lend(kept, nbytes)
+            while self._kept and sum(self._made.values()) + nbytes > self.budget:
+                self._drop(self._kept.pop(0))  # room for new rows before idle segments
             made = sum(self._made.values())
             if made + nbytes > self.budget:
                 used = f"{made / 2**20:.0f} MiB of its {self.budget / 2**20:.0f} MiB budget"
@@ -191,17 +229,84 @@ class _SharedRows:
             return None
         finally:
             os.close(fd)
-        base = _address(segment)
+        made = _Made(name, nbytes, segment, _address(segment))
         with self._lock:
-            self._mapped[base] = _Mapped(base, nbytes, name)
-        # The name goes with the creator's last view (tensors keep the mapping alive).
-        weakref.finalize(segment, self._release_made, base, name)
-        return memoryview(segment)
+            self._mapped[made.base] = _Mapped(made.base, nbytes, name)
+            return self._lend(made, nbytes)
 
-    def _release_made(self, base: int, name: str) -> None:
+    def _lend(self, made: _Made, nbytes: int) -> memoryview:
+        """A view of ``made``'s first ``nbytes`` that gives the segment back when it goes.
+
+        Every view, slice or tensor made from it holds the one array made here (numpy and
+        memoryview slices keep their base), so the array's end is the rows' end."""
+        array = numpy.frombuffer(made.mapping, dtype=numpy.uint8, count=nbytes)
+        weakref.finalize(array, self._returned, made).atexit = False
+        return memoryview(array)
+
+    def _returned(self, made: _Made) -> None:
+        """The last view of ``made`` is gone: keep it for reuse, or let it go."""
         with self._lock:
-            self._mapped.pop(base, None)
-        self._unlink(name)
+            cap = self.limits.shm_reuse_bytes
+            if made.size > cap:
+                self._drop(made)
+                return
+            try:  # the name says it is kept (an operator listing the directory sees which)
+                os.rename(self.dir / made.name, self.dir / (made.name + KEPT_SUFFIX))
+            except OSError:  # its directory was cleared
+                self._drop(made)
+                return
+            made.idle_since = time.monotonic()
+            self._kept.append(made)
+            while sum(kept.size for kept in self._kept) > cap:
+                self._drop(self._kept.pop(0))
+            if self._kept and self._expiry is None:
+                self._expiry = threading.Timer(REUSE_IDLE_S, self._expire_idle)
+                self._expiry.daemon = True
+                self._expiry.start()
+
+    def _take_kept(self, nbytes: int) -> _Made | None:
+        """The newest kept segment that fits ``nbytes`` and that no other process can read."""
+        for i in range(len(self._kept) - 1, -1, -1):
+            kept = self._kept[i]
+            if not kept.size * _REUSE_FILL <= nbytes <= kept.size:
+                continue
+            path = self.dir / (kept.name + KEPT_SUFFIX)
+            state = _readers(path)
+            if state is False:
+                try:
+                    os.rename(path, self.dir / kept.name)
+                    return self._kept.pop(i)
+                except OSError:
+                    state = None
+            if state is None:  # the name is gone (its directory cleared): forget it
+                self._drop(self._kept.pop(i))
+        return None
+
+    def _expire_idle(self) -> None:
+        with self._lock:
+            self._expiry = None
+            self._expire(time.monotonic() - REUSE_IDLE_S)
+            if self._kept:
+                wait = max(self._kept[0].idle_since + REUSE_IDLE_S - time.monotonic(), 0.1)
+                self._expiry = threading.Timer(wait, self._expire_idle)
+                self._expiry.daemon = True
+                self._expiry.start()
+
+    def _expire(self, before: float) -> None:
+        while self._kept and self._kept[0].idle_since <= before:
+            self._drop(self._kept.pop(0))
+
+    def _drop(self, made: _Made) -> None:
+        """Forget a segment made here and unlink its name (other mappings keep its pages)."""
+        self._mapped.pop(made.base, None)
+        _remove(self.dir / (made.name + KEPT_SUFFIX))
+        self._unlink(made.name)
+
+    def drop_kept(self) -> None:
+        """Let every kept segment go now (tests, and a process that is done with rows)."""
+        with self._lock:
+            while self._kept:
+                self._drop(self._kept.pop())
 
     def _forget(self, name: str) -> None:
         with self._lock:
@@ -257,10 +362,14 @@ class _SharedRows:
         except OSError as exc:
             raise RuntimeError(LINK_NOT_FOUND.format(name=name, request_id=request_id)) from exc
         try:
+            # Held while mapped (the descriptor closes with the mapping): the creator reuses
+            # the segment only once no process holds it. Taken before the link can go.
+            fcntl.flock(fd, fcntl.LOCK_SH)
             size = os.fstat(fd).st_size
             segment = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         if not keep_link:
             _remove(path)
         if not self._said_receiving:
@@ -269,14 +378,15 @@ class _SharedRows:
         base = _address(segment)
         with self._lock:
             self._mapped[base] = _Mapped(base, size, name)
-        weakref.finalize(segment, self._release_mapped, base)
+        weakref.finalize(segment, self._release_mapped, base, fd)
         count = int(rows) * int(width)
         flat = torch.frombuffer(segment, dtype=_DTYPES[dtype], count=count, offset=int(offset))
         return flat.view(int(rows), int(width))
 
-    def _release_mapped(self, base: int) -> None:
+    def _release_mapped(self, base: int, fd: int) -> None:
         with self._lock:
             self._mapped.pop(base, None)
+        os.close(fd)  # releases the shared lock
 
     def pass_on(self, rows: torch.Tensor) -> Wire | None:
         """The wire for rows this process received and passes on (the engine core to its
@@ -298,7 +408,7 @@ class _SharedRows:
 
     def unlink_own(self) -> None:
         """Remove every name this process made (at exit: its links not yet opened too)."""
-        mine = re.compile(rf"{NAME_PREFIX}{self.tag}-{os.getpid()}-\d+(-l\d+-\d+)?$")
+        mine = re.compile(rf"{NAME_PREFIX}{self.tag}-{os.getpid()}-\d+(-l\d+-\d+|{KEPT_SUFFIX})?$")
         for path in _listing(self.dir):
             if mine.match(path.name):
                 _remove(path)
@@ -312,7 +422,7 @@ def sweep_dead_creators(
     ``children_grace_s``: first wait up to that long for creators that are this process's own
     children to die (at exit, vLLM's launcher has just sent them SIGKILL)."""
     tag = tag or _host_tag()
-    pattern = re.compile(rf"{NAME_PREFIX}{tag}-(\d+)-\d+(?:-l\d+-(\d+))?$")
+    pattern = re.compile(rf"{NAME_PREFIX}{tag}-(\d+)-\d+(?:-l\d+-(\d+)|{KEPT_SUFFIX})?$")
     named: list[tuple[Path, list[int]]] = []
     for path in _listing(directory):
         match = pattern.match(path.name)
@@ -372,6 +482,23 @@ def _mapped_writable(fd: int, nbytes: int) -> mmap.mmap:
             _populate_write = False
             segment.close()
     return mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE)
+
+
+def _readers(path: Path) -> bool | None:
+    """Whether another process may still read the segment at ``path``: one maps it (holds
+    a shared lock) or a link to it is yet to be opened. None: the name is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        return os.fstat(fd).st_nlink != 1
+    finally:
+        os.close(fd)  # releases the lock, if taken
 
 
 def _address(segment: mmap.mmap) -> int:

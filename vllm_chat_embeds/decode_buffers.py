@@ -121,17 +121,20 @@ def decoded_size(data: Base64Text) -> int | None:
     return len(data) // 4 * 3 - (_ends_with(data, "=") + _ends_with(data, "=="))
 
 
-def decode_into_pool(data: Base64Text, nbytes: int) -> memoryview | None:
+def decode_into_pool(
+    data: Base64Text, nbytes: int, *, exact_segment: bool = False
+) -> memoryview | None:
     """Decode ASCII base64 ``data`` of decoded length ``nbytes`` into a buffer of its own:
-    a new shared-memory segment (rows that cross processes as a handle), else a pooled one.
+    a shared-memory segment (rows that cross processes as a handle), else (unless
+    ``exact_segment``: a segment exactly ``nbytes`` long, or nothing) a pooled one.
 
     Returns None when neither applies (small payload, pool disabled or full); raises
     what ``pybase64`` raises on bad input. A short result (padding inside the text) is
     returned short, for the caller's length check.
     """
-    view = shared_rows.process_rows().allocate(nbytes)  # crosses processes as a handle
+    view = shared_rows.process_rows().allocate(nbytes, exact=exact_segment)  # a handle
     if view is None:
-        if nbytes <= POOL_ABOVE_BYTES or nbytes > pool().capacity:
+        if exact_segment or nbytes <= POOL_ABOVE_BYTES or nbytes > pool().capacity:
             return None
         view = pool().lend(nbytes)
     filled = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import io
 import os
 import pickle
@@ -15,7 +16,9 @@ from payload_spec import MAX_ROWS, WIDTH, make_spec
 from vllm.exceptions import VLLMValidationError
 
 from vllm_chat_embeds import errors
+from vllm_chat_embeds.limits import Limits
 from vllm_chat_embeds.payload import PayloadSpec, carried_dtype, decode_payload, validate_tensor
+from vllm_chat_embeds.transport import shared_rows
 
 pytestmark = pytest.mark.unit
 
@@ -23,6 +26,21 @@ WHERE = errors.PART_WHERE.format(msg=1, part=2)
 
 
 SPEC = make_spec()
+
+
+@pytest.fixture(autouse=True, params=["private", "in_segment"])
+def where_decoded(request, tmp_path):
+    """Every case twice: payloads decoded into private memory, and (``in_segment``) each
+    decoded into a shared-memory segment, a ``torch`` one then loaded in place
+    (``torch_archive.py``), with segments kept for reuse."""
+    if request.param == "private":
+        yield request.param
+        return
+    shared_rows.configure(Limits(shm_dir=str(tmp_path), shared_above_bytes=0))
+    yield request.param
+    gc.collect()
+    shared_rows.process_rows().drop_kept()
+    shared_rows.configure(Limits())
 
 
 def saved_bytes(obj: object) -> bytes:
@@ -400,3 +418,31 @@ def test_large_finite_values_whose_sum_overflows_are_accepted(dtype: torch.dtype
     big = torch.finfo(dtype).max / 2
     tensor = torch.full((4, WIDTH), big, dtype=dtype)
     assert torch.equal(decode_payload(tensor, WHERE, make_spec(dtype)), tensor)
+
+
+# -- torch payloads loaded in place ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape", ["whole", "rows_of_a_bigger_storage", "half", "transposed", "cast_down"]
+)
+def test_a_torch_payload_in_a_segment_is_viewed_there_or_copied_before_it_goes(
+    where_decoded: str, shape: str
+) -> None:
+    """In a segment, a plain payload's rows are the decoded archive's own bytes (a slice of a
+    bigger storage at its offset); a transposed one is copied out before the segment can be
+    reused, so the next payload, decoded into that very segment, leaves it intact."""
+    source = {
+        "whole": rows(6),
+        "rows_of_a_bigger_storage": rows(12)[3:9],
+        "half": rows(6, torch.float16),
+        "transposed": rows(WIDTH).t()[:6].t().t(),
+        "cast_down": rows(6, torch.float64),
+    }[shape]
+    out = decode_payload(b64(source), WHERE, SPEC)
+    expected = source.to(out.dtype)
+    assert out.is_contiguous() and torch.equal(out, expected)
+    assert shared_rows.is_shared(out) == (where_decoded == "in_segment")
+    gc.collect()
+    again = decode_payload(b64(rows(6) + 100), WHERE, SPEC)  # may reuse a kept segment
+    assert torch.equal(out, expected) and torch.equal(again, rows(6) + 100)

@@ -155,6 +155,7 @@ class _SharedRows:
         self._mapped: dict[int, _Mapped] = {}  # base address -> mapping
         self._made: dict[str, int] = {}  # names this process made (kept ones too) -> bytes
         self._kept: list[_Made] = []  # segments whose rows are gone, oldest first
+        self._single_use: set[str] = set()  # names never to be kept (``forgo_reuse``)
         self._expiry: threading.Timer | None = None
         self._links = itertools.count()
         self._said_no = False
@@ -191,9 +192,10 @@ class _SharedRows:
             self._said_no = True
             logger.warning(NO_SHARED_MEMORY.format(size_mib=nbytes / 2**20, reason=reason))
 
-    def allocate(self, nbytes: int) -> memoryview | None:
+    def allocate(self, nbytes: int, *, exact: bool = False) -> memoryview | None:
         """A writable view of ``nbytes`` bytes in a segment of its own (a kept one when one
-        fits and is free, else a new one); None: use private memory."""
+        fits and is free, else a new one; ``exact``: a segment of just that size, for a file
+        read from its end); None: use private memory."""
         if nbytes < max(self.limits.shared_above_bytes, 1):
             return None
         if not self.budget:
@@ -201,7 +203,7 @@ class _SharedRows:
             return None
         with self._lock:
             self._expire(time.monotonic() - REUSE_IDLE_S)
-            kept = self._take_kept(nbytes)
+            kept = self._take_kept(nbytes, exact)
             if kept is not None:
                 return self._lend(kept, nbytes)
             while self._kept and sum(self._made.values()) + nbytes > self.budget:
@@ -243,11 +245,20 @@ class _SharedRows:
         weakref.finalize(array, self._returned, made).atexit = False
         return memoryview(array)
 
+    def forgo_reuse(self, buffer: memoryview) -> None:
+        """Never reuse the segment ``buffer`` lies in (this process mapped its file another
+        way, with no claim on it): its name goes with its last view."""
+        path = self.path_of(buffer)
+        with self._lock:
+            if path is not None:
+                self._single_use.add(path.name)
+
     def _returned(self, made: _Made) -> None:
         """The last view of ``made`` is gone: keep it for reuse, or let it go."""
         with self._lock:
             cap = self.limits.shm_reuse_bytes
-            if made.size > cap:
+            if made.size > cap or made.name in self._single_use:
+                self._single_use.discard(made.name)
                 self._drop(made)
                 return
             try:  # the name says it is kept (an operator listing the directory sees which)
@@ -264,11 +275,11 @@ class _SharedRows:
                 self._expiry.daemon = True
                 self._expiry.start()
 
-    def _take_kept(self, nbytes: int) -> _Made | None:
+    def _take_kept(self, nbytes: int, exact: bool) -> _Made | None:
         """The newest kept segment that fits ``nbytes`` and that no other process can read."""
         for i in range(len(self._kept) - 1, -1, -1):
             kept = self._kept[i]
-            if not kept.size * _REUSE_FILL <= nbytes <= kept.size:
+            if not kept.size * _REUSE_FILL <= nbytes <= kept.size or exact and kept.size != nbytes:
                 continue
             path = self.dir / (kept.name + KEPT_SUFFIX)
             state = _readers(path)
@@ -326,6 +337,15 @@ class _SharedRows:
             for mapped in self._mapped.values():
                 if mapped.base <= start and end <= mapped.base + mapped.size:
                     return mapped, start - mapped.base
+        return None
+
+    def path_of(self, buffer: memoryview) -> Path | None:
+        """The file of the segment this process made that ``buffer`` starts in, if any."""
+        start = numpy.frombuffer(buffer, dtype=numpy.uint8, count=1).ctypes.data
+        with self._lock:
+            for mapped in self._mapped.values():
+                if mapped.base <= start < mapped.base + mapped.size and mapped.name in self._made:
+                    return self.dir / mapped.name
         return None
 
     def send(self, rows: torch.Tensor) -> Wire | None:

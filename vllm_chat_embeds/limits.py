@@ -44,8 +44,10 @@ DEFAULT_SHARED_ABOVE_BYTES: Final = 1024 * 1024
 DEFAULT_SHM_DIR: Final = "/dev/shm"
 # Segments whose rows are gone, kept (mapped, pages in place) for the next rows of about their
 # size, up to this many bytes per process: a new 16 MiB segment costs 4-6 ms of page
-# allocation, a kept one nothing (transport/shared_rows.py).
-DEFAULT_SHM_REUSE_BYTES: Final = 64 * 1024 * 1024
+# allocation, a kept one nothing (transport/shared_rows.py). Room for two segments of 8192
+# float16 rows at width 4096 (64 MiB, a little more as a torch.save archive): back-to-back
+# parts of one size take turns between two.
+DEFAULT_SHM_REUSE_BYTES: Final = 160 * 1024 * 1024
 # Part data strings this long or longer skip FastAPI's JSON parser (entrypoints/big_bodies.py).
 DEFAULT_LIFT_ABOVE_BYTES: Final = 1024 * 1024
 

@@ -94,6 +94,10 @@ def _decode_base64(
         elif raw is None:
             raw = pybase64.b64decode_as_bytearray(data, validate=True)  # no copy of the text
     except (binascii.Error, ValueError, UnicodeEncodeError) as exc:
+        text = _unescaped(data)
+        if text is not None:  # a lifted string with JSON escapes: decode the text they mean
+            options = {"pooled": pooled, "writable": writable, "exact_segment": exact_segment}
+            return _decode_base64(text, where, spec, **options)
         reason = "non-ASCII characters" if isinstance(exc, UnicodeEncodeError) else str(exc)
         reject(errors.NOT_BASE64, where=where, reason=reason)
     if not raw:
@@ -101,6 +105,21 @@ def _decode_base64(
     if exact is not None and len(raw) != exact:  # padding inside the text
         reject(errors.NOT_BASE64, where=where, reason=f"decoded to {len(raw)} bytes")
     return raw
+
+
+def _unescaped(data: Base64Text) -> str | None:
+    """The text a lifted JSON string (``big_bodies``: its raw bytes) means, when it holds
+    escapes; None otherwise (a ``str`` was parsed already)."""
+    if not isinstance(data, memoryview):
+        return None
+    raw = bytes(data)
+    if b"\\" not in raw:
+        return None
+    try:
+        text = json.loads(b'"' + raw + b'"')
+    except ValueError:
+        return None
+    return text if isinstance(text, str) else None
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -272,6 +291,8 @@ def _decode_raw(
     layout = raw_layout(where, spec, dtype, shape)
     torch_dtype, rows, width, nbytes = layout.dtype, layout.rows, layout.width, layout.nbytes
     expected = 4 * ((nbytes + 2) // 3)  # padded base64 length, known before decoding
+    if len(data) != expected and (text := _unescaped(data)) is not None:
+        data = text  # a lifted string with JSON escapes: the text they mean
     if len(data) != expected:
         reject(
             errors.RAW_LENGTH,

@@ -2,9 +2,9 @@
 (``entrypoints/big_bodies.py``).
 
 ``plugin_server`` and ``feature_server`` lift every part's data (``ALL_PARTS_LIFTED``), so the
-parity and hostile tables on them run over the lifted path. Here: the lifted and the unlifted
-path (a body the middleware leaves to ``json.loads``: an escape inside the data) answer alike,
-for each shape, one request and a batch; ``/v1/responses`` is not lifted (vLLM stores its
+parity and hostile tables on them run over the lifted path. Here: data as it stands and data
+with a JSON escape (lifted as it stands, its escapes read by the decoder) answer alike, for
+each shape, one request and a batch; ``/v1/responses`` is not lifted (vLLM stores its
 input); bodies it must not touch (stray handles, broken JSON, long texts) get vLLM's or the
 part's usual answers.
 """

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 
 import pytest
@@ -57,10 +58,25 @@ def test_nothing_to_lift(obj):
     assert big_bodies.lift(_body(obj), 0) is None
 
 
-def test_escaped_strings_stay_for_json():
-    escaped = bytearray(json.dumps(_chat({"type": "prompt_embeds", "data": BIG})).encode())
-    escaped = escaped.replace(b"QUJD", b"QU\\/D", 1)
-    assert big_bodies.lift(escaped, 0) is None
+@pytest.mark.parametrize("escape", [b"\\/", b"\\u002f", b"\\u002F"])
+def test_escaped_data_is_lifted_and_read_by_the_decoder(escape: bytes):
+    """JSON escapes inside a part's data (``\\/`` from PHP's and some Java encoders): lifted
+    as they stand, and decoded to the rows their JSON value means."""
+    rows = torch.arange(600, dtype=torch.float16).view(300, 2)
+    data = base64.b64encode(rows.numpy().tobytes())
+    assert b"/" in data
+    part = {"type": "prompt_embeds", "encoding": "raw", "dtype": "float16", "shape": [300, 2]}
+    body = bytearray(json.dumps(_chat({**part, "data": "DATA"})).encode())
+    body = body.replace(b"DATA", data.replace(b"/", escape))
+    lifted = big_bodies.lift(body, 0)
+    assert lifted is not None
+    (text,) = lifted[1].values()
+    assert escape in bytes(text)
+    spec = PayloadSpec(width=2, dtype=torch.float16, max_part_bytes=1 << 20, max_rows=4096,
+                       rows_limit=4096)  # fmt: skip
+    got = decode_payload(text, "messages[0].content[0]", spec, encoding="raw", dtype="float16",
+                         shape=[300, 2])  # fmt: skip
+    assert torch.equal(got, rows)
 
 
 def test_non_ascii_data_is_lifted_and_refused_by_the_decoder():

@@ -21,6 +21,10 @@ rows of one-token words, after ``"Repeat:"``):
 - ``chat_by_id``: the chat naming rows uploaded beforehand (so ``upload`` + ``chat_by_id`` is
   what a part sent by upload costs in all).
 
+Per part: the API server's CPU beyond the same server's text chat of that size (the chat's
+own work, which any chat costs), or an upload's in all; ``part/floor`` is its ratio to the
+floor, beside ``API/floor`` for the whole request.
+
 The floor (``floor_server.py``): a minimal HTTP loop in its own process, sent the very same
 bodies, whose own CPU time per request is read the same way (its clock, not ticks): it reads
 the body off the socket into fresh memory (huge pages) and, for an inline part, finds the
@@ -175,6 +179,19 @@ def serve(model: Path, cache_root: str) -> Iterator[dict[str, Server]]:
         yield servers
 
 
+def part_ms(
+    table: list[dict[str, Any]], impl: str, n: int, variant: str, api: float
+) -> float | None:
+    """The API server's CPU for the part itself: a chat's beyond the same server's text chat of
+    that size (measured first), an upload's in all (it is nothing but the part)."""
+    if variant == "text":
+        return None
+    if variant in ("upload", "files"):
+        return api
+    text = [r for r in table if (r["impl"], r["rows"], r["variant"]) == (impl, n, "text")]
+    return round(api - text[0]["api_server"], 1) if text else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sized_args(argv, __doc__.splitlines()[0], rows=[1024, 2048, 8192], runs=5, seed=32)
     exit_on_sigterm()
@@ -195,19 +212,23 @@ def main(argv: list[str] | None = None) -> int:
                     api = cpu.get("api_server", 0.0)
                     reused = (floor_ms(floor_url, big, n, "upload_reused", args.runs)
                               if variant in ("upload", "files") else None)  # fmt: skip
+                    part = part_ms(table, impl, n, variant, api)
+                    part_x = round(part / floor, 2) if floor and part else None
                     row = {"impl": impl, "rows": n, "variant": variant, **cpu,
                            "floor_ms": floor, "floor_reused_ms": reused,
-                           "api_x_floor": round(api / floor, 2) if floor else None}  # fmt: skip
+                           "api_x_floor": round(api / floor, 2) if floor else None,
+                           "part_ms": part, "part_x_floor": part_x}  # fmt: skip
                     table.append(row)
                     print(json.dumps(row), flush=True)
     print(
         "\nimpl | rows | variant | API server ms | engine core ms | workers ms | floor ms | "
-        "API/floor | floor, buffer reused ms"
+        "API/floor | part ms | part/floor | floor, buffer reused ms"
     )
     for r in table:
         print(f"{r['impl']} | {r['rows']} | {r['variant']} | {r.get('api_server')} | "
               f"{r.get('engine_core')} | {r.get('workers')} | {r['floor_ms']} | "
-              f"{r['api_x_floor']} | {r['floor_reused_ms']}")  # fmt: skip
+              f"{r['api_x_floor']} | {r['part_ms']} | {r['part_x_floor']} | "
+              f"{r['floor_reused_ms']}")  # fmt: skip
     path = write_results(NAME, {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "args": vars(args), "table": table, "seconds": round(time.monotonic() - started, 1),

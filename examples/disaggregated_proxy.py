@@ -41,6 +41,9 @@ import httpx
 
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 TIMEOUT_S = 600.0
+# An idle connection is dropped before the servers drop it (vLLM's VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
+# 5 s, httpx's default too): else a request sent as the server closes gets no answer.
+KEEPALIVE_S = 2.0
 
 
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +95,9 @@ class Proxy:
         self.prefill = prefill.rstrip("/")
         self.decode = decode.rstrip("/")
         self.shared_store = shared_store
-        self.client = httpx.Client(timeout=TIMEOUT_S)
+        self.client = httpx.Client(
+            timeout=TIMEOUT_S, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S)
+        )
 
     def forward(
         self, route: str, body: dict[str, Any], headers: dict[str, str]

@@ -271,9 +271,7 @@ class _SharedRows:
             while sum(kept.size for kept in self._kept) > cap:
                 self._drop(self._kept.pop(0))
             if self._kept and self._expiry is None:
-                self._expiry = threading.Timer(REUSE_IDLE_S, self._expire_idle)
-                self._expiry.daemon = True
-                self._expiry.start()
+                self._arm_expiry(REUSE_IDLE_S)
 
     def _take_kept(self, nbytes: int, exact: bool) -> _Made | None:
         """The newest kept segment that fits ``nbytes`` and that no other process can read."""
@@ -298,10 +296,16 @@ class _SharedRows:
             self._expiry = None
             self._expire(time.monotonic() - REUSE_IDLE_S)
             if self._kept:
-                wait = max(self._kept[0].idle_since + REUSE_IDLE_S - time.monotonic(), 0.1)
-                self._expiry = threading.Timer(wait, self._expire_idle)
-                self._expiry.daemon = True
-                self._expiry.start()
+                self._arm_expiry(
+                    max(self._kept[0].idle_since + REUSE_IDLE_S - time.monotonic(), 0.1)
+                )
+
+    def _arm_expiry(self, after_s: float) -> None:
+        """Let kept segments that are idle too long go in ``after_s``, on a timer thread (an
+        idle server makes no allocation that would)."""
+        self._expiry = threading.Timer(after_s, self._expire_idle)
+        self._expiry.daemon = True
+        self._expiry.start()
 
     def _expire(self, before: float) -> None:
         while self._kept and self._kept[0].idle_since <= before:
